@@ -1,0 +1,1 @@
+"""collector: a consent-gated statistics pixel (see README.md)."""

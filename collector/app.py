@@ -1,0 +1,155 @@
+"""``create_app(settings)``: joins the pixel fast path, the Starlette routes and the lifespan.
+
+``/p.gif`` is dispatched before Starlette sees the request (a raw ASGI callable, see
+pixel.py); every other route is an ordinary Starlette app. Resources (storage, GeoIP
+readers, the batch writer) open in the lifespan and close there, safely twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from collector.config import Settings, load_settings, resolve_secret
+from collector.consent import ConsentCodec
+from collector.enrich import Enricher
+from collector.errors import CollectorError
+from collector.geo import GeoIP
+from collector.logs import configure_logging, redact
+from collector.metrics import Metrics
+from collector.pixel import Pixel, Receive, Scope, Send
+from collector.storage import open_storage
+from collector.writer import BatchWriter
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+CONFIG_ENV = "COLLECTOR_CONFIG"
+_GEO_RELOAD_S = 5.0
+
+
+class CollectorApp:
+    """The ASGI application: one per settings object, no module-level state."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings = resolve_secret(settings)
+        self.metrics = Metrics()
+        self.storage = open_storage(settings)
+        self.geoip = GeoIP(settings.geoip)
+        self.enricher = Enricher(settings, self.geoip)
+        self.codec = ConsentCodec(settings.consent)
+        self.writer = BatchWriter(
+            self.storage,
+            self.enricher,
+            batch_size=settings.storage.batch_size,
+            flush_interval_ms=settings.storage.flush_interval_ms,
+            queue_size=settings.storage.queue_size,
+            queue_wait_ms=settings.storage.queue_wait_ms,
+            metrics=self.metrics,
+        )
+        self._geo_checked = 0.0
+        self.writer.housekeeping.append(self._reload_geoip)
+        self.pixel = Pixel(settings, self.codec, self.writer, self.metrics)
+        self.starlette = Starlette(
+            routes=[
+                Route("/healthz", self.healthz, methods=["GET"]),
+                Route("/metrics", self.prometheus, methods=["GET"]),
+            ],
+            exception_handlers={
+                CollectorError: _collector_error,
+                HTTPException: _http_error,
+            },
+            lifespan=self.lifespan,
+        )
+        self.starlette.state.collector = self
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/p.gif":
+            await self.pixel(scope, receive, send)
+            return
+        await self.starlette(scope, receive, send)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        await self.storage.open()
+        self.geoip.open()
+        await self.writer.start()
+        logger.info(
+            "collector started",
+            extra={
+                "pid": os.getpid(),
+                "config_source": self.settings.source,
+                "config": redact(self.settings),
+            },
+        )
+        try:
+            yield
+        finally:
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Drain the writer, then close storage and readers (safe twice)."""
+        await self.writer.stop()
+        await self.storage.close()
+        self.geoip.close()
+        logger.info("collector stopped", extra={"pid": os.getpid()})
+
+    def _reload_geoip(self) -> None:
+        now = time.monotonic()
+        if now - self._geo_checked >= _GEO_RELOAD_S:
+            self._geo_checked = now
+            self.geoip.maybe_reload()
+
+    async def healthz(self, request: Request) -> Response:
+        database = await self.storage.ping()
+        healthy = database and self.writer.healthy
+        body: dict[str, Any] = {
+            "status": "ok" if healthy else "unhealthy",
+            "database": database,
+            "writer": {"healthy": self.writer.healthy, "last_error": self.writer.last_error},
+            "queue_depth": self.writer.depth(),
+            "geoip": self.geoip.enabled,
+        }
+        return JSONResponse(body, status_code=200 if healthy else 503)
+
+    async def prometheus(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+async def _collector_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, CollectorError)
+    return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=exc.status)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse(
+        {"error": "http_error", "detail": exc.detail},
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
+
+
+def create_app(settings: Settings) -> CollectorApp:
+    return CollectorApp(settings)
+
+
+def app_from_environment() -> CollectorApp:
+    """uvicorn's factory: settings from ``$COLLECTOR_CONFIG`` (if set) and the environment.
+
+    Used by ``collector serve`` so that every worker process builds its own app.
+    """
+    settings = load_settings(os.environ.get(CONFIG_ENV) or None)
+    configure_logging(settings.server)
+    return create_app(settings)

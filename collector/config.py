@@ -1,0 +1,286 @@
+"""Settings: frozen dataclasses loaded once from TOML and ``COLLECTOR_<SECTION>_<KEY>``.
+
+Defaults live here and only here; ``config.example.toml`` documents each key. Loading
+validates everything up front so that a bad key stops the process at start with one
+line naming it (exit code 2), never halfway through serving traffic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import os
+import re
+import secrets
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from collector.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "COLLECTOR_"
+_POLICY_VERSION = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+_COOKIE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    # Peers allowed to set X-Forwarded-For / Forwarded. Empty: headers are ignored.
+    trusted_proxies: tuple[str, ...] = ()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+    access_log: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StorageSettings:
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    path: str = "collector.db"
+    dsn: str = ""
+    batch_size: int = 2000
+    flush_interval_ms: int = 200
+    queue_size: int = 100_000
+    # How long a pixel request may wait for queue space before its hit is dropped.
+    queue_wait_ms: int = 50
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentSettings:
+    cookie_name: str = "kdv_consent"
+    secret: str = ""
+    period_days: int = 365  # 5.1: processing lasts for the period stated in the consent
+    policy_version: str = "1"  # 9.1-9.2: every consent records the version it was given under
+    allowed_origins: tuple[str, ...] = ()
+    require_reconsent: bool = False
+    honor_dnt: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class VisitorSettings:
+    cookie_name: str = "kdv_vid"
+    session_cookie_name: str = "kdv_sid"
+    session_idle_minutes: int = 30
+    secure: bool = True
+    domain: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class GeoipSettings:
+    city_db: str = ""
+    asn_db: str = ""
+    anonymous_db: str = ""
+    cache_size: int = 65_536
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacySettings:
+    url_query_allowlist: tuple[str, ...] = ("utm_*",)
+    cookie_allowlist: tuple[str, ...] = ()
+    max_url_length: int = 2048
+    max_user_agent_length: int = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    consent: ConsentSettings = field(default_factory=ConsentSettings)
+    visitor: VisitorSettings = field(default_factory=VisitorSettings)
+    geoip: GeoipSettings = field(default_factory=GeoipSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    # Where the settings came from, for the start-up log line; not a config key.
+    source: str = field(default="defaults", compare=False)
+
+    def secret_path(self) -> Path:
+        """The file that holds a generated consent secret: beside the database."""
+        db = Path(self.storage.path)
+        return db.with_name(db.name + ".secret")
+
+
+SECTIONS: dict[str, type[Any]] = {
+    f.name: f.type if isinstance(f.type, type) else globals()[str(f.type)]
+    for f in dataclasses.fields(Settings)
+    if f.name != "source"
+}
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Read TOML (if given), apply environment overrides, validate; raise ConfigError."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        source = str(path)
+    environ = os.environ if environ is None else environ
+    sections: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        table = raw.pop(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{name}] must be a table")
+        sections[name] = _build_section(name, cls, table, environ)
+    if raw:
+        raise ConfigError(f"unknown config section [{sorted(raw)[0]}]")
+    settings = Settings(**sections, source=source)
+    _validate(settings)
+    return settings
+
+
+def _build_section(
+    name: str, cls: type[Any], table: dict[str, Any], environ: Mapping[str, str]
+) -> Any:
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in hints:
+            raise ConfigError(f"{name}.{key}: unknown key")
+        values[key] = _coerce(f"{name}.{key}", hints[key], value, from_env=False)
+    for key, hint in hints.items():
+        env_key = f"{ENV_PREFIX}{name.upper()}_{key.upper()}"
+        if env_key in environ:
+            values[key] = _coerce(env_key, hint, environ[env_key], from_env=True)
+    return cls(**values)
+
+
+def _coerce(where: str, hint: Any, value: Any, *, from_env: bool) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if from_env and isinstance(value, str):
+            lowered = value.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off", ""):
+                return False
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if hint is int:
+        if from_env and isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if hint is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value in choices:
+            return value
+        raise ConfigError(f"{where}: must be one of {', '.join(map(str, choices))}, got {value!r}")
+    if origin is tuple:
+        if from_env and isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+    if origin is dict or origin is types.GenericAlias:  # pragma: no cover - not used yet
+        return value
+    raise ConfigError(f"{where}: unsupported setting type {hint!r}")  # pragma: no cover
+
+
+def _validate(s: Settings) -> None:
+    def positive(where: str, value: int) -> None:
+        if value <= 0:
+            raise ConfigError(f"{where}: must be greater than zero, got {value}")
+
+    positive("server.port", s.server.port)
+    if s.server.port > 65535:
+        raise ConfigError(f"server.port: must be at most 65535, got {s.server.port}")
+    positive("server.workers", s.server.workers)
+    for cidr in s.server.trusted_proxies:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"server.trusted_proxies: {cidr!r} is not an IP network (CIDR)"
+            ) from None
+    positive("storage.batch_size", s.storage.batch_size)
+    positive("storage.flush_interval_ms", s.storage.flush_interval_ms)
+    positive("storage.queue_size", s.storage.queue_size)
+    if s.storage.queue_wait_ms < 0:
+        raise ConfigError("storage.queue_wait_ms: must not be negative")
+    if s.storage.backend == "sqlite" and not s.storage.path:
+        raise ConfigError("storage.path: must name the SQLite database file")
+    if s.storage.backend == "postgres" and not s.storage.dsn:
+        raise ConfigError("storage.dsn: required when storage.backend is postgres")
+    positive("consent.period_days", s.consent.period_days)
+    if not _POLICY_VERSION.match(s.consent.policy_version):
+        raise ConfigError(
+            "consent.policy_version: use 1-32 letters, digits, '-' or '_', "
+            f"got {s.consent.policy_version!r}"
+        )
+    if s.consent.secret and len(s.consent.secret) < 16:
+        raise ConfigError("consent.secret: must be at least 16 characters (or empty to generate)")
+    for where, name in (
+        ("consent.cookie_name", s.consent.cookie_name),
+        ("visitor.cookie_name", s.visitor.cookie_name),
+        ("visitor.session_cookie_name", s.visitor.session_cookie_name),
+    ):
+        if not _COOKIE_NAME.match(name):
+            raise ConfigError(f"{where}: not a valid cookie name: {name!r}")
+    positive("visitor.session_idle_minutes", s.visitor.session_idle_minutes)
+    positive("geoip.cache_size", s.geoip.cache_size)
+    if s.privacy.max_url_length < 64:
+        raise ConfigError("privacy.max_url_length: must be at least 64")
+    positive("privacy.max_user_agent_length", s.privacy.max_user_agent_length)
+
+
+def resolve_secret(settings: Settings) -> Settings:
+    """Return settings whose consent secret is set, generating one beside the database.
+
+    The generated secret is written with mode 0600 so that several workers (and the CLI's
+    ``consent-cookie``) share it; a warning says where it is, since losing it invalidates
+    every consent cookie issued so far.
+    """
+    if settings.consent.secret:
+        return settings
+    path = settings.secret_path()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        secret = path.read_text(encoding="ascii").strip()
+        if len(secret) < 16:
+            raise ConfigError(
+                f"consent.secret: the secret file {path} is empty or damaged"
+            ) from None
+    except OSError as exc:
+        raise ConfigError(f"consent.secret: cannot create {path}: {exc.strerror}") from None
+    else:
+        secret = secrets.token_urlsafe(32)
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(secret + "\n")
+        logger.warning(
+            "no consent.secret configured: generated one and stored it in %s (mode 0600); "
+            "keep that file, losing it invalidates every consent cookie",
+            path,
+        )
+    consent = dataclasses.replace(settings.consent, secret=secret)
+    return dataclasses.replace(settings, consent=consent)

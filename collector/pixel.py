@@ -1,0 +1,224 @@
+"""The hot path: ``GET /p.gif`` as a raw ASGI callable.
+
+Request facts -> consent check -> ``RawHit`` (consented) or ``AnonHit`` (everything else)
+-> writer buffer -> the 43-byte GIF. No Starlette objects, no I/O, no enrichment here:
+headers are read once from the scope and the response messages are pre-built, because
+Starlette's Request/Response machinery alone costs ~30% of a bare pixel (see
+docs/PERFORMANCE.md). Whatever arrives, the browser gets the image.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+from urllib.parse import unquote_plus
+
+from collector.config import Settings
+from collector.consent import Consent, ConsentCodec
+from collector.enrich import ClientIP
+from collector.metrics import Metrics
+from collector.storage.base import AnonHit, RawHit
+from collector.writer import BatchWriter
+
+logger = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+# The smallest transparent 1x1 GIF (43 bytes).
+GIF = (
+    b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00"
+    b"\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
+)
+_BASE_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"content-type", b"image/gif"),
+    (b"content-length", str(len(GIF)).encode()),
+    (b"cache-control", b"no-store, no-cache, must-revalidate, max-age=0"),
+    (b"x-content-type-options", b"nosniff"),
+    # Store pages on another origin embed the image.
+    (b"cross-origin-resource-policy", b"cross-origin"),
+)
+_ID = re.compile(r"^[0-9a-f]{32}$")
+_MAX_PARAM = 8192
+_MAX_COOKIE_HEADER = 16_384
+
+
+def _new_id() -> str:
+    return os.urandom(16).hex()
+
+
+def parse_pixel_query(qs: bytes) -> tuple[str, str, str]:
+    """``u``, ``r``, ``e`` from the query string (first occurrence wins), '' if absent."""
+    u = r = e = ""
+    if not qs:
+        return u, r, e
+    for part in qs[: _MAX_PARAM * 3].decode("latin-1").split("&"):
+        key, _, value = part.partition("=")
+        if key == "u" and not u:
+            u = unquote_plus(value[:_MAX_PARAM], errors="replace")
+        elif key == "r" and not r:
+            r = unquote_plus(value[:_MAX_PARAM], errors="replace")
+        elif key == "e" and not e:
+            e = unquote_plus(value[:512], errors="replace")
+    return u, r, e
+
+
+def parse_cookies(header: str, wanted: frozenset[str]) -> dict[str, str]:
+    """The cookies named in ``wanted`` (first occurrence wins); everything else is ignored.
+
+    The raw Cookie header never leaves this function: it carries session and auth tokens
+    that must never be stored (3.3.2 "information from cookies" means our own ones and the
+    allowlist).
+    """
+    found: dict[str, str] = {}
+    for part in header[:_MAX_COOKIE_HEADER].split(";"):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if sep and name in wanted and name not in found:
+            found[name] = value.strip().strip('"')
+    return found
+
+
+class Pixel:
+    """ASGI callable serving the pixel; see the module docstring."""
+
+    def __init__(
+        self, settings: Settings, codec: ConsentCodec, writer: BatchWriter, metrics: Metrics
+    ) -> None:
+        self.codec = codec
+        self.writer = writer
+        self.client_ip = ClientIP(settings.server.trusted_proxies)
+        self.consent_name = settings.consent.cookie_name
+        self.vid_name = settings.visitor.cookie_name
+        self.sid_name = settings.visitor.session_cookie_name
+        self.honor_dnt = settings.consent.honor_dnt
+        self.allowlist = tuple(
+            n
+            for n in settings.privacy.cookie_allowlist
+            if n not in (self.consent_name, self.vid_name, self.sid_name)
+        )
+        self.wanted = frozenset((self.consent_name, self.vid_name, self.sid_name, *self.allowlist))
+        attrs = "; Path=/; HttpOnly; SameSite=Lax"
+        if settings.visitor.secure:
+            attrs += "; Secure"
+        if settings.visitor.domain:
+            attrs += f"; Domain={settings.visitor.domain}"
+        self._attrs = attrs
+        self._sid_cookie = f"; Max-Age={settings.visitor.session_idle_minutes * 60}{attrs}"
+        self._expire = tuple(
+            (b"set-cookie", f"{name}=; Max-Age=0{attrs}".encode("latin-1"))
+            for name in (self.vid_name, self.sid_name)
+        )
+        self._dropped_internal = metrics.hits_dropped.labels("internal_error")
+        self._start_plain = {"type": "http.response.start", "status": 200, "headers": _BASE_HEADERS}
+        self._body = {"type": "http.response.body", "body": GIF}
+        self._head_body = {"type": "http.response.body", "body": b""}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method = scope["method"]
+        if method != "GET" and method != "HEAD":
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 405,
+                    "headers": [(b"allow", b"GET, HEAD"), (b"content-length", b"0")],
+                }
+            )
+            await send(self._head_body)
+            return
+        try:
+            start = await self._record(scope)
+        except Exception:
+            # Last resort, on purpose: a bug in recording must never cost the store its
+            # image (the pixel never fails). The hit is counted as dropped and logged.
+            self._dropped_internal.inc()
+            logger.exception("pixel could not record a hit")
+            start = self._start_plain
+        await send(start)
+        await send(self._body if method == "GET" else self._head_body)
+
+    async def _record(self, scope: Scope) -> Message:
+        cookie = ua = referer = xff = forwarded = ""
+        gpc = False
+        for key, value in scope["headers"]:
+            if key == b"cookie":
+                cookie = (
+                    f"{cookie}; {value.decode('latin-1')}" if cookie else value.decode("latin-1")
+                )
+            elif key == b"user-agent":
+                ua = value.decode("latin-1")
+            elif key == b"referer":
+                referer = value.decode("latin-1")
+            elif key == b"x-forwarded-for":
+                xff = value.decode("latin-1")
+            elif key == b"forwarded":
+                forwarded = value.decode("latin-1")
+            elif key == b"sec-gpc" or (key == b"dnt" and self.honor_dnt):
+                gpc = gpc or value.strip() == b"1"
+        now = time.time()
+        ts_ms = int(now * 1000)
+        cookies = parse_cookies(cookie, self.wanted) if cookie else {}
+        consent: Consent | None = None
+        raw_consent = cookies.get(self.consent_name)
+        if raw_consent is None:
+            state = "absent"
+        else:
+            consent = self.codec.decode(raw_consent, now)
+            state = "invalid" if consent is None else "granted" if consent.statistics else "refused"
+        page, referrer, placement = parse_pixel_query(scope["query_string"])
+        if not page:
+            page = referer
+        if consent is None or not consent.statistics:
+            self.writer.put_nowait(AnonHit(ts_ms, page, state))
+            if self.vid_name in cookies or self.sid_name in cookies:
+                # No valid statistics consent: the visitor id must not live on (3.3, 5.1).
+                return {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": _BASE_HEADERS + self._expire,
+                }
+            return self._start_plain
+        vid = cookies.get(self.vid_name, "")
+        if not _ID.match(vid):
+            vid = _new_id()
+        sid = cookies.get(self.sid_name, "")
+        if not _ID.match(sid):
+            sid = _new_id()
+        client = scope.get("client")
+        ip = self.client_ip.resolve(client[0] if client else None, xff, forwarded)
+        # 4.1.11: placement (ad-block) attribution only with advertising consent, and never
+        # against a Global Privacy Control signal.
+        if placement and (gpc or not consent.advertising):
+            placement = ""
+        extra = tuple((n, cookies[n]) for n in self.allowlist if n in cookies)
+        hit = RawHit(
+            ts_ms,
+            ip,
+            ua,
+            page,
+            referrer,
+            placement,
+            vid,
+            sid,
+            consent.consent_id,
+            consent.policy_version,
+            extra,
+        )
+        if not self.writer.put_nowait(hit):
+            await self.writer.put(hit)
+        max_age = self.codec.remaining_s(consent, now)
+        return {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": (
+                *_BASE_HEADERS,
+                (b"set-cookie", f"{self.vid_name}={vid}; Max-Age={max_age}{self._attrs}".encode()),
+                (b"set-cookie", f"{self.sid_name}={sid}{self._sid_cookie}".encode()),
+            ),
+        }

@@ -1,0 +1,16 @@
+"""Storage backends behind one protocol (``base.Storage``); ``open_storage`` picks one."""
+
+from __future__ import annotations
+
+from collector.config import Settings
+from collector.errors import ConfigError
+from collector.storage.base import Storage
+
+
+def open_storage(settings: Settings) -> Storage:
+    """The configured backend, not yet opened (call ``await storage.open()``)."""
+    if settings.storage.backend == "postgres":
+        raise ConfigError("storage.backend: the postgres backend is not available yet")
+    from collector.storage.sqlite import SQLiteStorage
+
+    return SQLiteStorage(settings)

@@ -1,0 +1,103 @@
+"""The storage protocol and the row types that cross it.
+
+Storage knows nothing of HTTP: it receives finished rows in batches from the writer and
+answers queries. Every backend (SQLite, PostgreSQL) passes the same contract tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+
+class RawHit(NamedTuple):
+    """What the pixel gathered for a consented request, before enrichment."""
+
+    ts_ms: int
+    ip: str
+    user_agent: str
+    page: str
+    referrer: str
+    placement: str
+    visitor_id: str
+    session_id: str
+    consent_id: str
+    policy_version: str
+    cookies: tuple[tuple[str, str], ...]
+    source: str = "web"
+
+
+class AnonHit(NamedTuple):
+    """A request counted without personal data: no IP, no user agent, no cookie.
+
+    ``state`` is the consent state: granted, refused, absent (no decision) or invalid
+    (tampered, malformed, expired or stale).
+    """
+
+    ts_ms: int
+    page: str
+    state: str
+
+
+class HitRow(NamedTuple):
+    """One stored hit: the six fields of clause 3.3 plus placement, geo and consent."""
+
+    ts_ms: int
+    ip: str
+    visitor_id: str
+    session_id: str
+    cookies: str | None
+    user_agent: str
+    browser_family: str
+    browser_version: str
+    os_family: str
+    os_version: str
+    device_family: str
+    device_brand: str
+    device_class: str
+    page_url: str | None
+    referrer_url: str | None
+    placement_id: str | None
+    country: str | None
+    region: str | None
+    city: str | None
+    consent_id: str
+    policy_version: str
+    source: str
+
+
+HIT_COLUMNS: tuple[str, ...] = HitRow._fields
+
+# (day 'YYYY-MM-DD', page path, consent state) -> hits
+PixelCounts = Mapping[tuple[str, str, str], int]
+
+
+@dataclass(slots=True)
+class Batch:
+    """Everything one writer flush stores, in one transaction."""
+
+    hits: Sequence[HitRow] = ()
+    pixel_counts: PixelCounts = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.hits)
+
+
+class Storage(Protocol):
+    """What every backend provides. Methods are safe to call from the event loop."""
+
+    async def open(self) -> None:
+        """Connect and migrate the schema to the newest version."""
+
+    async def close(self) -> None:
+        """Release connections; safe to call twice."""
+
+    async def write_batch(self, batch: Batch) -> None:
+        """Store a batch atomically (all rows or none); raise StorageError on failure."""
+
+    async def ping(self) -> bool:
+        """True when the database answers a trivial query."""
+
+    async def schema_version(self) -> int:
+        """The number of the newest applied migration."""

@@ -1,0 +1,179 @@
+"""The embedded default store: one SQLite file in WAL mode, through aiosqlite.
+
+Datasette's rule: one connection writes (the batch writer's), reads use their own. Each
+batch is one ``BEGIN IMMEDIATE`` transaction with one ``executemany`` per table, so the
+per-row Python work in aiosqlite's thread stays small (it competes with the event loop
+for the GIL).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from collector.config import Settings
+from collector.errors import StorageError
+from collector.storage.base import HIT_COLUMNS, Batch
+from collector.storage.migrations import migrations
+
+logger = logging.getLogger(__name__)
+
+_INSERT_HIT = (
+    f"INSERT INTO hits ({', '.join(HIT_COLUMNS)}) VALUES ({', '.join('?' * len(HIT_COLUMNS))})"
+)
+_UPSERT_COUNT = (
+    "INSERT INTO pixel_counts (day, path, consent, hits) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (day, path, consent) DO UPDATE SET hits = hits + excluded.hits"
+)
+
+
+def split_sql(script: str) -> list[str]:
+    """Split a migration into statements (trigger bodies with ';' stay whole)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            if current.strip():
+                statements.append(current.strip())
+            current = ""
+    if current.strip() and not current.strip().startswith("--"):
+        statements.append(current.strip())
+    return statements
+
+
+def create_private_file(path: Path) -> None:
+    """Create ``path`` with mode 0600 if missing (SQLite gives -wal/-shm the same mode)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
+class SQLiteStorage:
+    """``Storage`` on one SQLite file."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.path = Path(settings.storage.path)
+        self._write: aiosqlite.Connection | None = None
+        self._read: aiosqlite.Connection | None = None
+
+    async def _connect(self, *, readonly: bool) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        await conn.execute("PRAGMA busy_timeout = 5000")
+        await conn.execute("PRAGMA foreign_keys = ON")
+        if readonly:
+            await conn.execute("PRAGMA query_only = ON")
+        else:
+            await conn.execute("PRAGMA journal_mode = WAL")
+            await conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
+
+    async def open(self) -> None:
+        if self._write is not None:
+            return
+        try:
+            if not self.path.parent.is_dir():
+                raise StorageError(f"storage.path: directory {self.path.parent} does not exist")
+            create_private_file(self.path)
+            self._write = await self._connect(readonly=False)
+            await self._migrate(self._write)
+            self._read = await self._connect(readonly=True)
+        except (sqlite3.Error, OSError) as exc:
+            await self.close()
+            raise StorageError(f"cannot open SQLite database {self.path}: {exc}") from exc
+
+    async def _migrate(self, conn: aiosqlite.Connection) -> None:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version ("
+            "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+        )
+        for number, name, sql in migrations("sqlite"):
+            # Several workers may start at once: BEGIN IMMEDIATE serialises them and the
+            # version is re-read inside the transaction.
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                async with conn.execute(
+                    "SELECT 1 FROM schema_version WHERE version = ?", (number,)
+                ) as cur:
+                    applied = await cur.fetchone()
+                if not applied:
+                    for statement in split_sql(sql):
+                        await conn.execute(statement)
+                    await conn.execute(
+                        "INSERT INTO schema_version VALUES (?, ?, datetime('now'))",
+                        (number, name),
+                    )
+                    logger.info("applied migration %04d_%s", number, name)
+                await conn.execute("COMMIT")
+            except BaseException:
+                await conn.execute("ROLLBACK")
+                raise
+
+    async def close(self) -> None:
+        for attr in ("_read", "_write"):
+            conn = getattr(self, attr)
+            setattr(self, attr, None)
+            if conn is not None:
+                try:
+                    await conn.close()
+                except sqlite3.Error:  # pragma: no cover - closing a broken file
+                    logger.exception("closing %s connection failed", attr)
+
+    @property
+    def writer(self) -> aiosqlite.Connection:
+        if self._write is None:
+            raise StorageError("storage is not open")
+        return self._write
+
+    @property
+    def reader(self) -> aiosqlite.Connection:
+        if self._read is None:
+            raise StorageError("storage is not open")
+        return self._read
+
+    async def write_batch(self, batch: Batch) -> None:
+        conn = self.writer
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                if batch.hits:
+                    await conn.executemany(_INSERT_HIT, batch.hits)
+                if batch.pixel_counts:
+                    await conn.executemany(
+                        _UPSERT_COUNT, [(*key, n) for key, n in batch.pixel_counts.items()]
+                    )
+                await conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    await conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StorageError(f"writing {len(batch)} hits failed: {exc}") from exc
+
+    async def ping(self) -> bool:
+        try:
+            async with self.reader.execute("SELECT 1") as cur:
+                return (await cur.fetchone()) is not None
+        except (sqlite3.Error, StorageError, ValueError):
+            return False
+
+    async def schema_version(self) -> int:
+        async with self.reader.execute("SELECT max(version) FROM schema_version") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    async def fetch_all(self, sql: str, params: Sequence[Any] | Iterable[Any] = ()) -> list[Any]:
+        """Run a read query on the read connection (for the APIs and the CLI)."""
+        try:
+            async with self.reader.execute(sql, tuple(params)) as cur:
+                return list(await cur.fetchall())
+        except sqlite3.Error as exc:
+            raise StorageError(f"query failed: {exc}") from exc

@@ -1,0 +1,247 @@
+"""BatchWriter: the only path from the pixel to storage.
+
+The pixel appends to an in-memory buffer and answers at once; one background task swaps
+the buffer out every ``flush_interval_ms`` (or as soon as ``batch_size`` items wait),
+enriches the hits and stores them in one transaction. Appending is a list append, and
+draining is a swap, so the request path pays nothing for the disk.
+
+Guarantees:
+- bounded memory: past ``queue_size`` waiting items a request waits up to
+  ``queue_wait_ms`` for space, then its hit is dropped and counted;
+- a failed write is retried with back-off while the buffer keeps filling (health goes
+  red, ``/healthz`` says why), and recording resumes by itself when storage recovers;
+- ``stop()`` drains everything that was accepted before it returns (graceful shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+from collector.enrich import Enricher
+from collector.errors import StorageError
+from collector.metrics import Metrics
+from collector.storage.base import AnonHit, Batch, HitRow, RawHit, Storage
+
+logger = logging.getLogger(__name__)
+
+Item = RawHit | AnonHit
+_ENRICH_SLICE = 256  # rows enriched between yields to the event loop, to bound latency
+
+
+class BatchWriter:
+    def __init__(
+        self,
+        storage: Storage,
+        enricher: Enricher,
+        *,
+        batch_size: int,
+        flush_interval_ms: int,
+        queue_size: int,
+        queue_wait_ms: int,
+        metrics: Metrics,
+        shutdown_retry_s: float = 10.0,
+    ) -> None:
+        self.storage = storage
+        self.enricher = enricher
+        self.batch_size = batch_size
+        self.interval = flush_interval_ms / 1000
+        self.max_items = queue_size
+        self.wait_s = queue_wait_ms / 1000
+        self.metrics = metrics
+        self.shutdown_retry_s = shutdown_retry_s
+        self.healthy = True
+        self.last_error: str | None = None
+        self.filters: list[Callable[[Sequence[HitRow]], Sequence[HitRow]]] = []
+        self.housekeeping: list[Callable[[], None]] = []
+        self._buf: list[Item] = []
+        self._in_flight = 0
+        self._wake: asyncio.Event | None = None
+        self._space: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._days: dict[int, str] = {}
+        self._recorded = metrics.hits_recorded.labels("web")
+        self._dropped_full = metrics.hits_dropped.labels("queue_full")
+        self._dropped_err = metrics.hits_dropped.labels("storage_error")
+        self._last_drop_log = 0.0
+        metrics.track_queue(self.depth)
+
+    def depth(self) -> int:
+        return len(self._buf) + self._in_flight
+
+    # --- producer side (the pixel) --------------------------------------------------
+
+    def put_nowait(self, item: Item) -> bool:
+        buf = self._buf
+        if len(buf) >= self.max_items or self._wake is None:
+            return False
+        buf.append(item)
+        if len(buf) >= self.batch_size and not self._wake.is_set():
+            self._wake.set()
+        return True
+
+    async def put(self, item: Item) -> bool:
+        """Queue ``item``; when full, wait up to ``queue_wait_ms`` for space, then drop it."""
+        if self.put_nowait(item):
+            return True
+        if self._space is not None and self.wait_s > 0:
+            self._space.clear()
+            try:
+                await asyncio.wait_for(self._space.wait(), self.wait_s)
+            except TimeoutError:
+                pass
+            if self.put_nowait(item):
+                return True
+        self._dropped_full.inc()
+        now = time.monotonic()
+        if now - self._last_drop_log > 5:
+            self._last_drop_log = now
+            logger.error(
+                "hit dropped: write queue full (%d waiting); storage is too slow or failing",
+                len(self._buf),
+            )
+        return False
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        self._wake = asyncio.Event()
+        self._space = asyncio.Event()
+        self._stopping = False
+        self._task = asyncio.create_task(self._run(), name="collector-batch-writer")
+
+    async def stop(self) -> None:
+        """Drain every accepted item into storage, then end the task (safe twice)."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping = True
+        assert self._wake is not None
+        self._wake.set()
+        await task
+        self._wake = None
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is stored (tests, backups, shutdown)."""
+        if self._wake is None:
+            return
+        self._wake.set()
+        while self._buf or self._in_flight:
+            self._wake.set()
+            await asyncio.sleep(0.002)
+
+    # --- consumer side --------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        wake = self._wake
+        while True:
+            if not self._buf:
+                if self._stopping:
+                    return
+                try:
+                    await asyncio.wait_for(wake.wait(), 1.0)
+                except TimeoutError:
+                    self._housekeep()
+                    continue
+            if len(self._buf) < self.batch_size and not self._stopping:
+                wake.clear()
+                try:
+                    await asyncio.wait_for(wake.wait(), self.interval)
+                except TimeoutError:
+                    pass
+            wake.clear()
+            items, self._buf = self._buf, []
+            self._in_flight = len(items)
+            if self._space is not None:
+                self._space.set()
+            try:
+                for start in range(0, len(items), self.batch_size):
+                    chunk = items[start : start + self.batch_size]
+                    await self._store(chunk)
+                    self._in_flight -= len(chunk)
+            finally:
+                self._in_flight = 0
+            self._housekeep()
+
+    def _housekeep(self) -> None:
+        for task in self.housekeeping:
+            try:
+                task()
+            except Exception:  # a housekeeping bug must not stop recording
+                logger.exception("writer housekeeping task failed")
+
+    def _day(self, ts_ms: int) -> str:
+        key = ts_ms // 86_400_000
+        day = self._days.get(key)
+        if day is None:
+            day = time.strftime("%Y-%m-%d", time.gmtime(key * 86_400))
+            if len(self._days) > 64:
+                self._days.clear()
+            self._days[key] = day
+        return day
+
+    async def _build(self, items: Sequence[Item]) -> Batch:
+        rows: list[HitRow] = []
+        counts: Counter[tuple[str, str, str]] = Counter()
+        path = self.enricher.urls.path
+        row = self.enricher.row
+        for i, item in enumerate(items):
+            if isinstance(item, RawHit):
+                r = row(item)
+                rows.append(r)
+                counts[(self._day(item.ts_ms), _path_of(r.page_url, path), "granted")] += 1
+            else:
+                counts[(self._day(item.ts_ms), path(item.page), item.state)] += 1
+            if i % _ENRICH_SLICE == _ENRICH_SLICE - 1:
+                await asyncio.sleep(0)
+        kept: Sequence[HitRow] = rows
+        for keep in self.filters:
+            kept = keep(kept)
+        return Batch(hits=kept, pixel_counts=counts)
+
+    async def _store(self, items: Sequence[Item]) -> None:
+        batch = await self._build(items)
+        delay = 0.05
+        deadline: float | None = None
+        while True:
+            started = time.perf_counter()
+            try:
+                await self.storage.write_batch(batch)
+            except StorageError as exc:
+                self.metrics.storage_errors.inc()
+                if self.healthy or self.last_error != exc.detail:
+                    logger.error("batch write failed, retrying: %s", exc.detail)
+                self.healthy = False
+                self.last_error = exc.detail
+                if self._stopping:
+                    deadline = deadline or time.monotonic() + self.shutdown_retry_s
+                    if time.monotonic() > deadline:
+                        self._dropped_err.inc(len(batch.hits))
+                        logger.error(
+                            "shutting down with storage failing: %d hits lost", len(batch.hits)
+                        )
+                        return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            self.metrics.batch_seconds.observe(time.perf_counter() - started)
+            break
+        if not self.healthy:
+            logger.warning("storage recovered; recording resumed")
+        self.healthy = True
+        self.last_error = None
+        self._recorded.inc(len(batch.hits))
+        for (_, _, state), n in batch.pixel_counts.items():
+            if state != "granted":
+                self.metrics.hits_without_consent.labels(state).inc(n)
+
+
+def _path_of(page_url: str | None, path: Callable[[str], str]) -> str:
+    return path(page_url) if page_url else "(none)"
