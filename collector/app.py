@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from collector.aggregates import aggregators
 from collector.config import Settings, load_settings, resolve_secret
 from collector.consent import ConsentCodec
 from collector.enrich import Enricher
@@ -45,7 +46,7 @@ class CollectorApp:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings = resolve_secret(settings)
         self.metrics = Metrics()
-        self.storage = open_storage(settings)
+        self.storage = open_storage(settings, aggregators(settings))
         self.geoip = GeoIP(settings.geoip)
         self.enricher = Enricher(settings, self.geoip)
         self.codec = ConsentCodec(settings.consent)

@@ -18,6 +18,7 @@ import hmac
 import re
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from collector.config import ConsentSettings
@@ -126,3 +127,26 @@ class ConsentCodec:
     def remaining_s(self, consent: Consent, now: float) -> int:
         """Seconds until the consent lapses: the visitor cookie must not outlive it (5.1)."""
         return max(0, int(consent.issued_at + self.period_s - now))
+
+
+class ConsentReader:
+    """The visitor's decision, read from the request's cookies.
+
+    The pixel asks only this: which cookies to look at (``cookie_names``) and what they
+    say (``read``). External consent platforms plug in here, not in the pixel.
+    States: granted (statistics allowed), refused, absent (no decision), invalid.
+    """
+
+    def __init__(self, settings: ConsentSettings, codec: ConsentCodec) -> None:
+        self.codec = codec
+        self.name = settings.cookie_name
+        self.cookie_names: tuple[str, ...] = (settings.cookie_name,)
+
+    def read(self, cookies: Mapping[str, str], now: float) -> tuple[Consent | None, str]:
+        raw = cookies.get(self.name)
+        if raw is None:
+            return None, "absent"
+        consent = self.codec.decode(raw, now)
+        if consent is None:
+            return None, "invalid"
+        return consent, "granted" if consent.statistics else "refused"

@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 from collector.config import Settings
-from collector.consent import Consent, ConsentCodec
+from collector.consent import ConsentCodec, ConsentReader
 from collector.enrich import ClientIP
 from collector.metrics import Metrics
 from collector.storage.base import AnonHit, RawHit
@@ -92,18 +92,20 @@ class Pixel:
         self, settings: Settings, codec: ConsentCodec, writer: BatchWriter, metrics: Metrics
     ) -> None:
         self.codec = codec
+        self.consent = ConsentReader(settings.consent, codec)
         self.writer = writer
         self.client_ip = ClientIP(settings.server.trusted_proxies)
-        self.consent_name = settings.consent.cookie_name
         self.vid_name = settings.visitor.cookie_name
         self.sid_name = settings.visitor.session_cookie_name
         self.honor_dnt = settings.consent.honor_dnt
         self.allowlist = tuple(
             n
             for n in settings.privacy.cookie_allowlist
-            if n not in (self.consent_name, self.vid_name, self.sid_name)
+            if n not in (*self.consent.cookie_names, self.vid_name, self.sid_name)
         )
-        self.wanted = frozenset((self.consent_name, self.vid_name, self.sid_name, *self.allowlist))
+        self.wanted = frozenset(
+            (*self.consent.cookie_names, self.vid_name, self.sid_name, *self.allowlist)
+        )
         attrs = "; Path=/; HttpOnly; SameSite=Lax"
         if settings.visitor.secure:
             attrs += "; Secure"
@@ -164,13 +166,7 @@ class Pixel:
         now = time.time()
         ts_ms = int(now * 1000)
         cookies = parse_cookies(cookie, self.wanted) if cookie else {}
-        consent: Consent | None = None
-        raw_consent = cookies.get(self.consent_name)
-        if raw_consent is None:
-            state = "absent"
-        else:
-            consent = self.codec.decode(raw_consent, now)
-            state = "invalid" if consent is None else "granted" if consent.statistics else "refused"
+        consent, state = self.consent.read(cookies, now)
         page, referrer, placement = parse_pixel_query(scope["query_string"])
         if not page:
             page = referer

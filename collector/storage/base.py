@@ -6,9 +6,9 @@ answers queries. Every backend (SQLite, PostgreSQL) passes the same contract tes
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 
 class RawHit(NamedTuple):
@@ -82,6 +82,21 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.hits)
+
+
+Dialect = Literal["sqlite", "postgres"]
+Statement = tuple[str, Sequence[tuple[Any, ...]]]
+
+
+class Aggregator(Protocol):
+    """Incremental aggregates kept in the batch's own transaction (rollups, IP statistics).
+
+    Given a batch, return (sql, rows) pairs for ``executemany``; upserts that add to
+    existing counts stay exact when several writers run at once. ``?`` placeholders;
+    the PostgreSQL backend rewrites them to ``$n``.
+    """
+
+    def __call__(self, batch: Batch, dialect: Dialect) -> Iterable[Statement]: ...
 
 
 class Storage(Protocol):

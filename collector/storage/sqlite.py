@@ -19,7 +19,7 @@ import aiosqlite
 
 from collector.config import Settings
 from collector.errors import StorageError
-from collector.storage.base import HIT_COLUMNS, Batch
+from collector.storage.base import HIT_COLUMNS, Aggregator, Batch
 from collector.storage.migrations import migrations
 
 logger = logging.getLogger(__name__)
@@ -59,8 +59,9 @@ def create_private_file(path: Path) -> None:
 class SQLiteStorage:
     """``Storage`` on one SQLite file."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, aggregators: Sequence[Aggregator] = ()) -> None:
         self.settings = settings
+        self.aggregators = tuple(aggregators)
         self.path = Path(settings.storage.path)
         self._write: aiosqlite.Connection | None = None
         self._read: aiosqlite.Connection | None = None
@@ -150,6 +151,10 @@ class SQLiteStorage:
                     await conn.executemany(
                         _UPSERT_COUNT, [(*key, n) for key, n in batch.pixel_counts.items()]
                     )
+                for aggregate in self.aggregators:
+                    for sql, params in aggregate(batch, "sqlite"):
+                        if params:
+                            await conn.executemany(sql, params)
                 await conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
