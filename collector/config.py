@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 ENV_PREFIX = "COLLECTOR_"
 _POLICY_VERSION = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _COOKIE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# scheme://host[:port], no path or trailing slash: compared verbatim with the Origin header.
+_ORIGIN = re.compile(r"^https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,8 @@ class ServerSettings:
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
     access_log: bool = False
+    # Serve the demo store page at /demo/ (``collector serve --demo``).
+    demo: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +67,19 @@ class ConsentSettings:
     allowed_origins: tuple[str, ...] = ()
     require_reconsent: bool = False
     honor_dnt: bool = False
+    # Where the decision is read from: our own signed cookie, or an existing consent platform.
+    source: Literal["cookie", "cookieconsent", "tcf", "plain"] = "cookie"
+    cookieconsent_cookie: str = "cc_cookie"
+    cookieconsent_statistics: tuple[str, ...] = ("analytics",)  # categories granting statistics
+    cookieconsent_advertising: tuple[str, ...] = ("marketing",)
+    tcf_cookie: str = "euconsent-v2"
+    tcf_statistics: tuple[int, ...] = (1, 8, 9)  # TCF purposes that must all be consented
+    tcf_advertising: tuple[int, ...] = (1, 2, 3, 4, 7)
+    plain_cookie: str = "cookie_consent"
+    plain_statistics: tuple[str, ...] = ("all", "statistics")  # values granting statistics
+    plain_advertising: tuple[str, ...] = ("all", "advertising")
+    # Key for the IP hash in consent records; empty: derived from ``secret``.
+    ip_pepper: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +89,8 @@ class VisitorSettings:
     session_idle_minutes: int = 30
     secure: bool = True
     domain: str = ""
+    # "none" when the store and the collector are different sites (needs secure = true).
+    same_site: Literal["lax", "none"] = "lax"
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,12 +217,25 @@ def _coerce(where: str, hint: Any, value: Any, *, from_env: bool) -> Any:
     if origin is tuple:
         if from_env and isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
+        if typing.get_args(hint)[0] is int:
+            return _int_tuple(where, value, from_env=from_env)
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return tuple(value)
         raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
     if origin is dict or origin is types.GenericAlias:  # pragma: no cover - not used yet
         return value
     raise ConfigError(f"{where}: unsupported setting type {hint!r}")  # pragma: no cover
+
+
+def _int_tuple(where: str, value: Any, *, from_env: bool) -> tuple[int, ...]:
+    if from_env and isinstance(value, str):
+        try:
+            return tuple(int(part) for part in value.split(",") if part.strip())
+        except ValueError:
+            raise ConfigError(f"{where}: expected integers, got {value!r}") from None
+    if isinstance(value, list) and all(type(v) is int for v in value):
+        return tuple(value)
+    raise ConfigError(f"{where}: expected a list of integers, got {value!r}")
 
 
 def _validate(s: Settings) -> None:
@@ -239,8 +271,14 @@ def _validate(s: Settings) -> None:
         )
     if s.consent.secret and len(s.consent.secret) < 16:
         raise ConfigError("consent.secret: must be at least 16 characters (or empty to generate)")
+    _validate_consent_sources(s.consent)
+    if s.visitor.same_site == "none" and not s.visitor.secure:
+        raise ConfigError("visitor.same_site: 'none' requires visitor.secure = true")
     for where, name in (
         ("consent.cookie_name", s.consent.cookie_name),
+        ("consent.cookieconsent_cookie", s.consent.cookieconsent_cookie),
+        ("consent.tcf_cookie", s.consent.tcf_cookie),
+        ("consent.plain_cookie", s.consent.plain_cookie),
         ("visitor.cookie_name", s.visitor.cookie_name),
         ("visitor.session_cookie_name", s.visitor.session_cookie_name),
     ):
@@ -251,6 +289,28 @@ def _validate(s: Settings) -> None:
     if s.privacy.max_url_length < 64:
         raise ConfigError("privacy.max_url_length: must be at least 64")
     positive("privacy.max_user_agent_length", s.privacy.max_user_agent_length)
+
+
+def _validate_consent_sources(c: ConsentSettings) -> None:
+    both = set(c.cookieconsent_statistics) & set(c.cookieconsent_advertising)
+    if both:
+        raise ConfigError(
+            f"consent.cookieconsent_advertising: category {sorted(both)[0]!r} is already "
+            "mapped to statistics (each category maps to one purpose)"
+        )
+    for where, ids in (
+        ("consent.tcf_statistics", c.tcf_statistics),
+        ("consent.tcf_advertising", c.tcf_advertising),
+    ):
+        if not ids or any(not 1 <= i <= 24 for i in ids):
+            raise ConfigError(f"{where}: list TCF purpose ids between 1 and 24, got {list(ids)}")
+    for origin in c.allowed_origins:
+        if not _ORIGIN.match(origin):
+            raise ConfigError(
+                f"consent.allowed_origins: {origin!r} is not an origin like https://shop.example"
+            )
+    if c.ip_pepper and len(c.ip_pepper) < 16:
+        raise ConfigError("consent.ip_pepper: must be at least 16 characters (or empty)")
 
 
 def resolve_secret(settings: Settings) -> Settings:

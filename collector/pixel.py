@@ -106,7 +106,7 @@ class Pixel:
         self.wanted = frozenset(
             (*self.consent.cookie_names, self.vid_name, self.sid_name, *self.allowlist)
         )
-        attrs = "; Path=/; HttpOnly; SameSite=Lax"
+        attrs = f"; Path=/; HttpOnly; SameSite={settings.visitor.same_site.capitalize()}"
         if settings.visitor.secure:
             attrs += "; Secure"
         if settings.visitor.domain:
