@@ -22,6 +22,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from collector.aggregates import aggregators
+from collector.api.admin import admin_routes
+from collector.audit import AuditLog
+from collector.auth import ApiGuard, TokenStore
 from collector.config import Settings, load_settings, resolve_secret
 from collector.consent import ConsentCodec
 from collector.enrich import Enricher
@@ -62,10 +65,19 @@ class CollectorApp:
         self._geo_checked = 0.0
         self.writer.housekeeping.append(self._reload_geoip)
         self.pixel = Pixel(settings, self.codec, self.writer, self.metrics)
+        self.audit = AuditLog(self.storage, settings.consent.secret)
+        self.tokens = TokenStore(self.storage)
+        self.guard = ApiGuard(
+            self.tokens,
+            self.audit,
+            client_ip=self.client_ip,
+            on_failure=self.metrics.auth_failures.inc,
+        )
         self.starlette = Starlette(
             routes=[
                 Route("/healthz", self.healthz, methods=["GET"]),
                 Route("/metrics", self.prometheus, methods=["GET"]),
+                *admin_routes(self),
             ],
             exception_handlers={
                 CollectorError: _collector_error,
@@ -86,6 +98,9 @@ class CollectorApp:
         await self.storage.open()
         self.geoip.open()
         await self.writer.start()
+        await self.audit.record(
+            actor="system", action="server.start", detail={"config": redact(self.settings)}
+        )
         logger.info(
             "collector started",
             extra={
@@ -105,6 +120,15 @@ class CollectorApp:
         await self.storage.close()
         self.geoip.close()
         logger.info("collector stopped", extra={"pid": os.getpid()})
+
+    def client_ip(self, request: Request) -> str:
+        """The caller's address, by the same trusted-proxy rules as the pixel."""
+        client = request.client
+        return self.pixel.client_ip.resolve(
+            client.host if client else None,
+            request.headers.get("x-forwarded-for"),
+            request.headers.get("forwarded"),
+        )
 
     def _reload_geoip(self) -> None:
         now = time.monotonic()

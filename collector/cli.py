@@ -7,19 +7,28 @@ non-zero (2 for configuration errors).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import functools
+import getpass
 import os
 import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from collector.config import Settings, load_settings, resolve_secret
 from collector.errors import CollectorError
 
+if TYPE_CHECKING:
+    from collector.audit import AuditLog
+    from collector.storage.base import Storage
+
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 def _fail(exc: CollectorError) -> None:
@@ -116,6 +125,159 @@ def consent_cookie(settings: Settings, purposes: str) -> None:
     settings = resolve_secret(settings)
     codec = ConsentCodec(settings.consent)
     click.echo(f"{settings.consent.cookie_name}={codec.encode(codec.issue(bits))}")
+
+
+def run_with_storage(settings: Settings, job: Callable[[CliContext], Awaitable[T]]) -> T:
+    """Open storage (migrating it), run ``job``, close; errors become one line + exit."""
+    from collector.audit import AuditLog
+    from collector.storage import open_storage
+
+    settings = resolve_secret(settings)
+
+    async def run() -> T:
+        storage = open_storage(settings)
+        await storage.open()
+        try:
+            return await job(
+                CliContext(settings, storage, AuditLog(storage, settings.consent.secret))
+            )
+        finally:
+            await storage.close()
+
+    try:
+        return asyncio.run(run())
+    except CollectorError as exc:
+        _fail(exc)
+        raise  # unreachable: _fail exits
+
+
+class CliContext:
+    def __init__(self, settings: Settings, storage: Storage, audit: AuditLog) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.audit = audit
+        self.actor = f"cli:{getpass.getuser()}"
+
+    @contextlib.asynccontextmanager
+    async def audited(
+        self, action: str, subject: str | None = None, detail: dict[str, Any] | None = None
+    ) -> AsyncIterator[None]:
+        """Record ``action`` with its outcome, failed attempts included (5.5)."""
+        try:
+            yield
+        except CollectorError as exc:
+            await self.audit.record(
+                actor=self.actor,
+                action=action,
+                subject=subject,
+                outcome="error",
+                detail={**(detail or {}), "error": exc.detail},
+            )
+            raise
+        await self.audit.record(actor=self.actor, action=action, subject=subject, detail=detail)
+
+
+@main.group()
+def token() -> None:
+    """API tokens: create (shown once), list, revoke."""
+
+
+@token.command("create")
+@with_settings
+@click.option("--role", type=click.Choice(["analyst", "engineer", "admin"]), required=True)
+@click.option("--name", required=True, help="Who or what holds the token.")
+def token_create(settings: Settings, role: str, name: str) -> None:
+    """Create a token and print it once; only its hash is stored."""
+    from collector.auth import TokenStore
+
+    async def job(ctx: CliContext) -> str:
+        async with ctx.audited("token.create", name, {"role": role}):
+            return await TokenStore(ctx.storage).create(name, role)
+
+    click.echo(run_with_storage(settings, job))
+
+
+@token.command("list")
+@with_settings
+def token_list(settings: Settings) -> None:
+    """List tokens (names, roles, prefixes; never the tokens)."""
+    from collector.auth import TokenStore
+
+    async def job(ctx: CliContext) -> list[dict[str, Any]]:
+        return await TokenStore(ctx.storage).list()
+
+    rows = run_with_storage(settings, job)
+    click.echo(f"{'NAME':<24} {'ROLE':<9} {'PREFIX':<11} {'CREATED':<20} REVOKED")
+    for r in rows:
+        click.echo(
+            f"{r['name']:<24} {r['role']:<9} {r['prefix']:<11} {_when(r['created_at']):<20} "
+            f"{_when(r['revoked_at']) if r['revoked_at'] else '-'}"
+        )
+
+
+@token.command("revoke")
+@with_settings
+@click.argument("name")
+def token_revoke(settings: Settings, name: str) -> None:
+    """Revoke a token by name (effective within a second on running servers)."""
+    from collector.auth import TokenStore
+
+    async def job(ctx: CliContext) -> None:
+        async with ctx.audited("token.revoke", name):
+            await TokenStore(ctx.storage).revoke(name)
+
+    run_with_storage(settings, job)
+    click.echo(f"revoked {name}")
+
+
+@main.group()
+def audit() -> None:
+    """The audit trail: list records, verify the hash chain."""
+
+
+@audit.command("list")
+@with_settings
+@click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
+@click.option("--action", help="Only this action, e.g. ip.lookup.")
+@click.option("--subject", help="Only records about this subject (an IP, a visitor id).")
+def audit_list(settings: Settings, limit: int, action: str | None, subject: str | None) -> None:
+    """Newest records first."""
+
+    async def job(ctx: CliContext) -> list[dict[str, Any]]:
+        return await ctx.audit.entries(limit=limit, action=action, subject=subject)
+
+    for r in run_with_storage(settings, job):
+        click.echo(
+            f"{r['id']:>6} {_when(r['ts_ms'])} {r['actor']:<20} {r['role'] or '-':<8} "
+            f"{r['action']:<16} {r['subject'] or '-':<20} {r['outcome']}"
+        )
+
+
+@audit.command("verify")
+@with_settings
+def audit_verify(settings: Settings) -> None:
+    """Check the hash chain; exit 1 at the first record that does not fit."""
+    from collector.audit import VerifyResult
+
+    async def job(ctx: CliContext) -> VerifyResult:
+        return await ctx.audit.verify()
+
+    result = run_with_storage(settings, job)
+    if result.ok:
+        click.echo(f"audit chain intact: {result.checked} records")
+        return
+    click.echo(
+        f"collector: audit chain broken at record {result.bad_id}: {result.reason} "
+        f"({result.checked} records before it are intact)",
+        err=True,
+    )
+    sys.exit(1)
+
+
+def _when(ts_ms: int | None) -> str:
+    if ts_ms is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts_ms / 1000))
 
 
 @main.command("check-config")

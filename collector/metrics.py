@@ -37,6 +37,9 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=r,
         )
+        self.auth_failures = Counter(
+            "collector_auth_failures", "Failed API authentications", registry=r
+        )
         self.storage_errors = Counter(
             "collector_storage_errors", "Failed batch writes (retried)", registry=r
         )

@@ -6,6 +6,7 @@ answers queries. Every backend (SQLite, PostgreSQL) passes the same contract tes
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Protocol
@@ -116,3 +117,28 @@ class Storage(Protocol):
 
     async def schema_version(self) -> int:
         """The number of the newest applied migration."""
+
+    # Generic access for the APIs, the CLI and governance. SQL is portable: ``?``
+    # placeholders, times as integer milliseconds or ISO text passed as parameters.
+
+    async def fetch_all(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Rows of a read query, as dicts (read connection; never blocks the writer)."""
+
+    async def fetch_one(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Any] | None:
+        """The first row of a read query, or None."""
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """One write statement in its own transaction; the number of rows it touched."""
+
+    def transaction(self) -> contextlib.AbstractAsyncContextManager[Transaction]:
+        """A write transaction for several statements (governance, audit chain)."""
+
+
+class Transaction(Protocol):
+    async def fetch_all(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]: ...
+
+    async def fetch_one(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Any] | None: ...
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int: ...
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...

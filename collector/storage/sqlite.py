@@ -8,10 +8,12 @@ for the GIL).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,10 @@ class SQLiteStorage:
         self.path = Path(settings.storage.path)
         self._write: aiosqlite.Connection | None = None
         self._read: aiosqlite.Connection | None = None
+        # Governance writes (tokens, audit, blocks) get their own connection so they never
+        # join, or roll back with, a hit batch; a lock keeps their transactions whole.
+        self._admin: aiosqlite.Connection | None = None
+        self._admin_lock = asyncio.Lock()
 
     async def _connect(self, *, readonly: bool) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
@@ -87,6 +93,9 @@ class SQLiteStorage:
             self._write = await self._connect(readonly=False)
             await self._migrate(self._write)
             self._read = await self._connect(readonly=True)
+            self._read.row_factory = sqlite3.Row
+            self._admin = await self._connect(readonly=False)
+            self._admin.row_factory = sqlite3.Row
         except (sqlite3.Error, OSError) as exc:
             await self.close()
             raise StorageError(f"cannot open SQLite database {self.path}: {exc}") from exc
@@ -119,7 +128,7 @@ class SQLiteStorage:
                 raise
 
     async def close(self) -> None:
-        for attr in ("_read", "_write"):
+        for attr in ("_read", "_admin", "_write"):
             conn = getattr(self, attr)
             setattr(self, attr, None)
             if conn is not None:
@@ -175,10 +184,72 @@ class SQLiteStorage:
             row = await cur.fetchone()
         return int(row[0]) if row and row[0] is not None else 0
 
-    async def fetch_all(self, sql: str, params: Sequence[Any] | Iterable[Any] = ()) -> list[Any]:
-        """Run a read query on the read connection (for the APIs and the CLI)."""
+    async def fetch_all(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Run a read query on the read connection (APIs and CLI); rows as dicts."""
         try:
             async with self.reader.execute(sql, tuple(params)) as cur:
-                return list(await cur.fetchall())
+                return [dict(row) for row in await cur.fetchall()]
         except sqlite3.Error as exc:
             raise StorageError(f"query failed: {exc}") from exc
+
+    async def fetch_one(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Any] | None:
+        found = await self.fetch_all(sql, params)
+        return found[0] if found else None
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """One statement in its own transaction on the admin connection; the row count."""
+        async with self.transaction() as tx:
+            return await tx.execute(sql, params)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[SQLiteTx]:
+        """A write transaction on the admin connection (BEGIN IMMEDIATE ... COMMIT)."""
+        if self._admin is None:
+            raise StorageError("storage is not open")
+        conn = self._admin
+        async with self._admin_lock:
+            try:
+                await conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StorageError(f"cannot start a transaction: {exc}") from exc
+            try:
+                yield SQLiteTx(conn)
+            except BaseException:
+                await conn.execute("ROLLBACK")
+                raise
+            try:
+                await conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                await conn.execute("ROLLBACK")
+                raise StorageError(f"commit failed: {exc}") from exc
+
+
+class SQLiteTx:
+    """Statements inside one ``SQLiteStorage.transaction()``."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+
+    async def fetch_all(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        try:
+            async with self._conn.execute(sql, tuple(params)) as cur:
+                return [dict(row) for row in await cur.fetchall()]
+        except sqlite3.Error as exc:
+            raise StorageError(f"query failed: {exc}") from exc
+
+    async def fetch_one(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Any] | None:
+        found = await self.fetch_all(sql, params)
+        return found[0] if found else None
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        try:
+            async with self._conn.execute(sql, tuple(params)) as cur:
+                return int(cur.rowcount)
+        except sqlite3.Error as exc:
+            raise StorageError(f"statement failed: {exc}") from exc
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        try:
+            await self._conn.executemany(sql, [tuple(r) for r in rows])
+        except sqlite3.Error as exc:
+            raise StorageError(f"statement failed: {exc}") from exc

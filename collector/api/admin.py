@@ -1,0 +1,52 @@
+"""Admin and identity routes: who am I, and the audit trail (5.5)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from collector.api import int_param, page
+from collector.auth import Principal
+
+if TYPE_CHECKING:
+    from collector.app import CollectorApp
+
+
+def admin_routes(app: CollectorApp) -> list[Route]:
+    guard = app.guard
+
+    @guard.route("analyst", "engineer", "admin", action="whoami")
+    async def whoami(request: Request, who: Principal) -> Response:
+        return JSONResponse({"name": who.name, "role": who.role})
+
+    @guard.route("admin", action="audit.read")
+    async def audit_list(request: Request, who: Principal) -> Response:
+        entries = await app.audit.entries(
+            limit=int_param(request, "limit", 100, 1, 1000),
+            before_id=int_param(request, "before_id", 2**62, 1, 2**62),
+            action=request.query_params.get("action") or None,
+            subject=request.query_params.get("subject") or None,
+        )
+        return JSONResponse(page(entries))
+
+    @guard.route("admin", action="audit.verify")
+    async def audit_verify(request: Request, who: Principal) -> Response:
+        result = await app.audit.verify()
+        return JSONResponse(
+            {
+                "ok": result.ok,
+                "checked": result.checked,
+                "bad_id": result.bad_id,
+                "reason": result.reason,
+            },
+            status_code=200,
+        )
+
+    return [
+        Route("/api/whoami", whoami, methods=["GET"]),
+        Route("/api/audit", audit_list, methods=["GET"]),
+        Route("/api/audit/verify", audit_verify, methods=["GET"]),
+    ]
