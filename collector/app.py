@@ -19,14 +19,18 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from collector.aggregates import aggregators
 from collector.api.admin import admin_routes
+from collector.api.consent import consent_routes
 from collector.audit import AuditLog
 from collector.auth import ApiGuard, TokenStore
 from collector.config import Settings, load_settings, resolve_secret
 from collector.consent import ConsentCodec
+from collector.consent_api import ConsentApi
+from collector.consent_records import ConsentRecords
 from collector.enrich import Enricher
 from collector.errors import CollectorError
 from collector.geo import GeoIP
@@ -78,6 +82,7 @@ class CollectorApp:
                 Route("/healthz", self.healthz, methods=["GET"]),
                 Route("/metrics", self.prometheus, methods=["GET"]),
                 *admin_routes(self),
+                *self._consent_routes(),
             ],
             exception_handlers={
                 CollectorError: _collector_error,
@@ -129,6 +134,24 @@ class CollectorApp:
             request.headers.get("x-forwarded-for"),
             request.headers.get("forwarded"),
         )
+
+    def _consent_routes(self) -> list[BaseRoute]:
+        """/consent, its admin API, the static scripts, and the demo store when enabled."""
+        consent = self.settings.consent
+        pepper = consent.ip_pepper.encode() or self.codec.derive_key("consent-ip-hash")
+        self.consent_records = ConsentRecords(self.storage, pepper)
+        api = ConsentApi(
+            self.settings, self.codec, self.pixel.consent, self.consent_records, self.client_ip
+        )
+        routes: list[BaseRoute] = [
+            *api.routes(),
+            *consent_routes(self),
+            Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+        ]
+        if self.settings.server.demo:
+            demo = StaticFiles(directory=STATIC_DIR / "demo", html=True)
+            routes.append(Mount("/demo", demo, name="demo"))
+        return routes
 
     def _reload_geoip(self) -> None:
         now = time.monotonic()

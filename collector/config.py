@@ -228,9 +228,9 @@ def _coerce(where: str, hint: Any, value: Any, *, from_env: bool) -> Any:
 
 
 def _int_tuple(where: str, value: Any, *, from_env: bool) -> tuple[int, ...]:
-    if from_env and isinstance(value, str):
+    if from_env and isinstance(value, list):  # already split on commas
         try:
-            return tuple(int(part) for part in value.split(",") if part.strip())
+            return tuple(int(part) for part in value)
         except ValueError:
             raise ConfigError(f"{where}: expected integers, got {value!r}") from None
     if isinstance(value, list) and all(type(v) is int for v in value):
