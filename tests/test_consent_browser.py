@@ -120,11 +120,27 @@ def test_banner_accept_reload_withdraw_in_chromium(
         assert hits() == []
         assert not [c for c in context.cookies() if c["name"] in ("kdv_vid", "kdv_sid")]
 
-        # 2. Accept all, then reload: a hit with every field, per ad block.
+        # The banner overlays the page (no layout shift) and takes focus for the keyboard.
+        assert banner.evaluate("el => getComputedStyle(el).position") == "fixed"
+        shift = page.evaluate(
+            """() => new Promise(done => {
+                 let sum = 0;
+                 new PerformanceObserver(list => {
+                   for (const entry of list.getEntries()) sum += entry.value;
+                 }).observe({type: "layout-shift", buffered: true});
+                 setTimeout(() => done(sum), 200);  // buffered entries arrive in a task
+               })"""
+        )
+        assert shift < 0.01
+        assert page.evaluate("document.activeElement.getAttribute('role')") == "dialog"
+
+        # 2. Accept all -- with the keyboard -- then reload: a hit with every field.
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.textContent") == "Принять все"
         with page.expect_response(
             lambda r: r.url.endswith("/consent") and r.request.method == "POST"
         ):
-            page.get_by_role("button", name="Принять все").click()
+            page.keyboard.press("Enter")
         banner.wait_for(state="hidden")
         (record,) = rows(database, "SELECT * FROM consent_records")
         assert (record["action"], record["statistics"], record["advertising"]) == ("grant", 1, 1)
