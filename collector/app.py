@@ -23,6 +23,7 @@ from starlette.routing import Route
 
 from collector.aggregates import aggregators
 from collector.api.admin import admin_routes
+from collector.api.ip import ip_routes
 from collector.audit import AuditLog
 from collector.auth import ApiGuard, TokenStore
 from collector.config import Settings, load_settings, resolve_secret
@@ -78,6 +79,7 @@ class CollectorApp:
                 Route("/healthz", self.healthz, methods=["GET"]),
                 Route("/metrics", self.prometheus, methods=["GET"]),
                 *admin_routes(self),
+                *ip_routes(self),
             ],
             exception_handlers={
                 CollectorError: _collector_error,

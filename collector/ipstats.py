@@ -31,6 +31,7 @@ from functools import lru_cache
 from typing import Any, NamedTuple
 
 from collector.config import Settings
+from collector.fraud import crawler_of
 from collector.storage.base import Batch, Dialect, HitRow, Statement, Transaction
 from collector.visibility import VISIBLE
 
@@ -82,10 +83,11 @@ _INSERT_VALUE = (
     f"SELECT {_T}, {_T}, {_T}, {_T}, {_T} WHERE {_GUARD} ON CONFLICT DO NOTHING"
 )
 _UPSERT_UNCONSENTED = (
-    "INSERT INTO ipstat_unconsented (day, ip, hits, bot_hits, first_ms, last_ms) "
-    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (day, ip) DO UPDATE SET "
+    "INSERT INTO ipstat_unconsented (day, ip, hits, bot_hits, crawler_hits, first_ms, last_ms) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (day, ip) DO UPDATE SET "
     "hits = ipstat_unconsented.hits + excluded.hits, "
     "bot_hits = ipstat_unconsented.bot_hits + excluded.bot_hits, "
+    "crawler_hits = ipstat_unconsented.crawler_hits + excluded.crawler_hits, "
     f"first_ms = {_earliest('ipstat_unconsented', 'first_ms')}, "
     f"last_ms = {_latest('ipstat_unconsented', 'last_ms')}"
 )
@@ -211,20 +213,25 @@ def statements(facts: Iterable[Fact]) -> list[Statement]:
     ]
 
 
-def unconsented_statements(items: Sequence[tuple[int, str, bool]]) -> list[Statement]:
-    """Counters for requests without statistics consent: IP, counts and times only."""
+def unconsented_statements(items: Sequence[tuple[int, str, str]]) -> list[Statement]:
+    """Counters for requests without statistics consent: IP, counts and times only.
+
+    ``items`` are (ts_ms, ip, bot family or ''); the family only decides whether the hit
+    counts as a known crawler's or another bot's and is not stored.
+    """
     days: dict[tuple[str, str], list[int]] = {}
     minutes: Counter[tuple[str, int]] = Counter()
-    for ts_ms, ip, is_bot in items:
+    for ts_ms, ip, bot_family in items:
         key = (day_of(ts_ms), ip)
         row = days.get(key)
         if row is None:
-            days[key] = [0, 0, ts_ms, ts_ms]
+            days[key] = [0, 0, 0, ts_ms, ts_ms]
             row = days[key]
         row[0] += 1
-        row[1] += is_bot
-        row[2] = min(row[2], ts_ms)
-        row[3] = max(row[3], ts_ms)
+        if bot_family:
+            row[2 if crawler_of(bot_family) else 1] += 1
+        row[3] = min(row[3], ts_ms)
+        row[4] = max(row[4], ts_ms)
         minutes[(ip, ts_ms // MINUTE_MS)] += 1
     return [
         (_UPSERT_UNCONSENTED, sorted((*key, *row) for key, row in days.items())),

@@ -190,7 +190,7 @@ class BatchWriter:
     async def _build(self, items: Sequence[Item]) -> Batch:
         rows: list[HitRow] = []
         counts: Counter[tuple[str, str, str]] = Counter()
-        unconsented: list[tuple[int, str, bool]] = []
+        unconsented: list[tuple[int, str, str]] = []
         path = self.enricher.urls.path
         row = self.enricher.row
         for i, item in enumerate(items):
@@ -200,9 +200,9 @@ class BatchWriter:
                 counts[(self._day(item.ts_ms), _path_of(r.page_url, path), "granted")] += 1
             else:
                 counts[(self._day(item.ts_ms), path(item.page), item.state)] += 1
-                if item.ip:  # 3.3.2 security counters: the user agent ends here as a flag
-                    is_bot = self.enricher.ua(item.user_agent[:512]).is_bot
-                    unconsented.append((item.ts_ms, item.ip, is_bot))
+                if item.ip:  # 3.3.2 security counters: the user agent ends here
+                    agent = self.enricher.ua(item.user_agent[:512])
+                    unconsented.append((item.ts_ms, item.ip, agent.family if agent.is_bot else ""))
             if i % _ENRICH_SLICE == _ENRICH_SLICE - 1:
                 await asyncio.sleep(0)
         kept: Sequence[HitRow] = rows

@@ -84,9 +84,9 @@ class Batch:
 
     hits: Sequence[HitRow] = ()
     pixel_counts: PixelCounts = field(default_factory=dict)
-    # (ts_ms, ip, is_bot) of requests without statistics consent, for the per-IP security
-    # counters (3.3.2); empty unless [ipstats] without_consent is on.
-    unconsented_ips: Sequence[tuple[int, str, bool]] = ()
+    # (ts_ms, ip, bot family or '') of requests without statistics consent, for the
+    # per-IP security counters (3.3.2); empty unless [ipstats] without_consent is on.
+    unconsented_ips: Sequence[tuple[int, str, str]] = ()
 
     def __len__(self) -> int:
         return len(self.hits)

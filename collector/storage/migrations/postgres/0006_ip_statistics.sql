@@ -49,7 +49,8 @@ CREATE TABLE ipstat_unconsented (
     day             TEXT    NOT NULL,
     ip              TEXT    NOT NULL,
     hits            BIGINT  NOT NULL,
-    bot_hits        BIGINT  NOT NULL,
+    bot_hits        BIGINT  NOT NULL,   -- bots other than known crawlers
+    crawler_hits    BIGINT  NOT NULL,   -- known search-engine / preview crawlers
     first_ms        BIGINT  NOT NULL,
     last_ms         BIGINT  NOT NULL,
     peak_per_minute BIGINT  NOT NULL DEFAULT 0,

@@ -49,7 +49,8 @@ CREATE TABLE ipstat_unconsented (
     day             TEXT    NOT NULL,
     ip              TEXT    NOT NULL,
     hits            INTEGER NOT NULL,
-    bot_hits        INTEGER NOT NULL,
+    bot_hits        INTEGER NOT NULL,   -- bots other than known crawlers
+    crawler_hits    INTEGER NOT NULL,   -- known search-engine / preview crawlers
     first_ms        INTEGER NOT NULL,
     last_ms         INTEGER NOT NULL,
     peak_per_minute INTEGER NOT NULL DEFAULT 0,
