@@ -276,3 +276,51 @@ async def top(
     items.sort(key=order)
     items = items[:limit]
     return {"date": day, "kind": kind, "items": items, "count": len(items)}
+
+
+def render_lookup(report: dict[str, Any]) -> str:
+    """``collector ip ADDRESS`` as text for a terminal."""
+    geo = report["geo"]
+    place = ", ".join(str(p) for p in (geo["city"], geo["region"], geo["country"]) if p)
+    asn = f"AS{geo['asn']} {geo['as_org'] or ''}".strip() if geo["asn"] else "-"
+    lines = [
+        f"IP        {report['ip']}  (network {report['network']})",
+        f"location  {place or '-'}   ASN {asn}",
+        f"score     {report['score']} on {report['date']}"
+        + (f"   crawler: {report['crawler']}" if report["crawler"] else ""),
+    ]
+    for s in report["signals"]:
+        lines.append(f"  ! {s['rule']}: {s['explanation']}")
+    lines.append("")
+    lines.append("DATE        HITS  VISITORS  UAS  PEAK/MIN  BOTS  NOPAGE  SCORE  COUNTRIES")
+    for d in report["days"]:
+        lines.append(
+            f"{d['date']}  {d['hits']:>5} {d['visitors']:>9} {d['user_agents']:>4} "
+            f"{d['peak_per_minute']:>9} {d['bot_hits']:>5} {d['no_page_hits']:>7} "
+            f"{d['score']:>6}  {' '.join(d['countries']) or '-'}"
+        )
+    lines.append("")
+    lines.append("latest hits:")
+    for h in report["hits"]["items"][:20]:
+        lines.append(
+            f"  {h['ts']}  {h['visitor_id'][:8]}  {h['browser_family']:<16} "
+            f"{h['page_url'] or '(no page)'}"
+        )
+    return "\n".join(lines)
+
+
+def render_top(report: dict[str, Any]) -> str:
+    """``collector ip --top N`` as text for a terminal."""
+    head = "IP" if report["kind"] == "ip" else "NETWORK"
+    lines = [
+        f"{report['date']}: the most suspicious by score",
+        f"{head:<40} {'SCORE':>5} {'HITS':>6} {'VISITORS':>8}  COUNTRY  RULES",
+    ]
+    for i in report["items"]:
+        label = i["ip"] or i["network"]
+        rules = " ".join(i["rules"]) or (f"crawler: {i['crawler']}" if i["crawler"] else "-")
+        lines.append(
+            f"{label:<40} {i['score']:>5} {i['hits']:>6} {i['visitors']:>8}  "
+            f"{i['country'] or '-':<7}  {rules}"
+        )
+    return "\n".join(lines)
