@@ -25,6 +25,7 @@ from starlette.staticfiles import StaticFiles
 from collector.aggregates import aggregators
 from collector.api.admin import admin_routes
 from collector.api.consent import consent_routes
+from collector.api.ip import ip_routes
 from collector.audit import AuditLog
 from collector.auth import ApiGuard, TokenStore
 from collector.config import Settings, load_settings, resolve_secret
@@ -83,6 +84,7 @@ class CollectorApp:
                 Route("/metrics", self.prometheus, methods=["GET"]),
                 *admin_routes(self),
                 *self._consent_routes(),
+                *ip_routes(self),
             ],
             exception_handlers={
                 CollectorError: _collector_error,

@@ -281,6 +281,75 @@ def audit_verify(settings: Settings) -> None:
     sys.exit(1)
 
 
+@main.command("ip")
+@with_settings
+@click.argument("address", required=False)
+@click.option("--top", "top_n", type=click.IntRange(1, 10_000), help="The N most suspicious.")
+@click.option("--date", help="UTC day YYYY-MM-DD (default: latest with data / today).")
+@click.option("--kind", type=click.Choice(["ip", "network"]), default="ip", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "csv"]), default="text")
+def ip_command(
+    settings: Settings,
+    address: str | None,
+    top_n: int | None,
+    date: str | None,
+    kind: str,
+    fmt: str,
+) -> None:
+    """IP statistics for fraud control and support (3.3.2): one IP, or --top N.
+
+    Audited as the CLI user with the IP looked up (5.5), like the engineer API.
+    """
+    import json
+
+    from collector import ipreport
+    from collector.api.ip import DAY_COLUMNS, TOP_COLUMNS, to_csv
+    from collector.enrich import normalize_ip
+    from collector.geo import GeoIP
+
+    if (address is None) == (top_n is None):
+        raise click.UsageError("give an IP address or --top N")
+
+    async def job(ctx: CliContext) -> dict[str, Any]:
+        geoip = GeoIP(ctx.settings.geoip)
+        geoip.open()
+        try:
+            if address is not None:
+                subject = normalize_ip(address) or address
+                async with ctx.audited("ip.lookup", subject):
+                    return await ipreport.lookup(
+                        ctx.storage,
+                        geoip,
+                        ctx.settings.fraud,
+                        address,
+                        date=ipreport.parse_date(date),
+                        include_blocked=False,
+                    )
+            day = ipreport.parse_date(date)
+            async with ctx.audited("ip.top", f"top:{kind}:{day or ipreport.today()}"):
+                return await ipreport.top(
+                    ctx.storage,
+                    geoip,
+                    ctx.settings.fraud,
+                    date=day,
+                    kind="ip" if kind == "ip" else "network",
+                    limit=top_n or 20,
+                )
+        finally:
+            geoip.close()
+
+    report = run_with_storage(settings, job)
+    if fmt == "json":
+        click.echo(json.dumps(report, indent=2, ensure_ascii=False))
+    elif fmt == "csv":
+        rows, columns = (report["days"], DAY_COLUMNS) if address else (report["items"], TOP_COLUMNS)
+        click.echo(to_csv(rows, columns), nl=False)
+    elif address:
+        click.echo(ipreport.render_lookup(report))
+    else:
+        click.echo(ipreport.render_top(report))
+
+
 def _when(ts_ms: int | None) -> str:
     if ts_ms is None:
         return "-"

@@ -110,6 +110,30 @@ class PrivacySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class IpstatsSettings:
+    # 3.3.2: per-IP security counters for requests without statistics consent. Off by
+    # default; see docs/IP-STATISTICS.md for why.
+    without_consent: bool = False
+    without_consent_days: int = 7
+
+
+@dataclass(frozen=True, slots=True)
+class FraudSettings:
+    """Thresholds of the fraud rules (collector/fraud.py); a rule fires at or above."""
+
+    burst_per_minute: int = 60
+    visitors_per_ip: int = 20
+    ips_per_visitor: int = 5
+    bot_hits: int = 1
+    user_agents_per_ip: int = 8
+    anonymous_network: bool = True
+    countries_per_visitor: int = 3
+    no_page_hits: int = 5
+    network_factor: int = 4
+    verify_crawler_asn: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -117,6 +141,8 @@ class Settings:
     visitor: VisitorSettings = field(default_factory=VisitorSettings)
     geoip: GeoipSettings = field(default_factory=GeoipSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    ipstats: IpstatsSettings = field(default_factory=IpstatsSettings)
+    fraud: FraudSettings = field(default_factory=FraudSettings)
     # Where the settings came from, for the start-up log line; not a config key.
     source: str = field(default="defaults", compare=False)
 
@@ -289,6 +315,11 @@ def _validate(s: Settings) -> None:
     if s.privacy.max_url_length < 64:
         raise ConfigError("privacy.max_url_length: must be at least 64")
     positive("privacy.max_user_agent_length", s.privacy.max_user_agent_length)
+    positive("ipstats.without_consent_days", s.ipstats.without_consent_days)
+    for key in FraudSettings.__dataclass_fields__:
+        value = getattr(s.fraud, key)
+        if not isinstance(value, bool):
+            positive(f"fraud.{key}", value)
 
 
 def _validate_consent_sources(c: ConsentSettings) -> None:

@@ -33,12 +33,16 @@ class AnonHit(NamedTuple):
     """A request counted without personal data: no IP, no user agent, no cookie.
 
     ``state`` is the consent state: granted, refused, absent (no decision) or invalid
-    (tampered, malformed, expired or stale).
+    (tampered, malformed, expired or stale). ``ip`` and ``user_agent`` are set only when
+    ``[ipstats] without_consent`` is on (3.3.2 security counters): the writer turns the
+    user agent into a bot flag and discards it; neither is ever stored with the page.
     """
 
     ts_ms: int
     page: str
     state: str
+    ip: str = ""
+    user_agent: str = ""
 
 
 class HitRow(NamedTuple):
@@ -80,6 +84,9 @@ class Batch:
 
     hits: Sequence[HitRow] = ()
     pixel_counts: PixelCounts = field(default_factory=dict)
+    # (ts_ms, ip, bot family or '') of requests without statistics consent, for the
+    # per-IP security counters (3.3.2); empty unless [ipstats] without_consent is on.
+    unconsented_ips: Sequence[tuple[int, str, str]] = ()
 
     def __len__(self) -> int:
         return len(self.hits)
