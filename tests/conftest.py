@@ -125,6 +125,7 @@ def backend_overrides(
         "backend": "postgres",
         "dsn": request.getfixturevalue("pg_dsn"),
         "spool_dir": str(tmp_path / "spool"),
+        "partition_days_ahead": 1,  # fewer CREATE TABLEs per test
     }
 
 
