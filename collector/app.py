@@ -68,6 +68,9 @@ class CollectorApp:
             metrics=self.metrics,
         )
         self._geo_checked = 0.0
+        spool_depth = getattr(self.storage, "spool_depth", None)
+        if spool_depth is not None:
+            self.metrics.spool_hits.set_function(spool_depth)
         self.writer.housekeeping.append(self._reload_geoip)
         self.pixel = Pixel(settings, self.codec, self.writer, self.metrics)
         self.audit = AuditLog(self.storage, settings.consent.secret)
@@ -171,6 +174,14 @@ class CollectorApp:
             "queue_depth": self.writer.depth(),
             "geoip": self.geoip.enabled,
         }
+        spool_status = getattr(self.storage, "spool_status", None)
+        if spool_status is not None:
+            body["spool"] = spool_status()
+            if not database and self.writer.healthy:
+                # Hits are kept in the local spool: this node still serves the pixel, so
+                # it stays in the load balancer (200), but says it is degraded.
+                body["status"] = "degraded"
+                return JSONResponse(body, status_code=200)
         return JSONResponse(body, status_code=200 if healthy else 503)
 
     async def prometheus(self, request: Request) -> Response:

@@ -56,6 +56,13 @@ class StorageSettings:
     queue_size: int = 100_000
     # How long a pixel request may wait for queue space before its hit is dropped.
     queue_wait_ms: int = 50
+    # PostgreSQL only: connections per process, connect/statement timeout, daily hits
+    # partitions created ahead, and the local spool that holds batches while it is down.
+    pool_size: int = 10
+    connect_timeout_ms: int = 5000
+    partition_days_ahead: int = 7
+    spool_dir: str = "collector-spool"
+    spool_retry_ms: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,6 +296,11 @@ def _validate(s: Settings) -> None:
         raise ConfigError("storage.path: must name the SQLite database file")
     if s.storage.backend == "postgres" and not s.storage.dsn:
         raise ConfigError("storage.dsn: required when storage.backend is postgres")
+    positive("storage.pool_size", s.storage.pool_size)
+    positive("storage.connect_timeout_ms", s.storage.connect_timeout_ms)
+    positive("storage.spool_retry_ms", s.storage.spool_retry_ms)
+    if s.storage.partition_days_ahead < 0:
+        raise ConfigError("storage.partition_days_ahead: must not be negative")
     positive("consent.period_days", s.consent.period_days)
     if not _POLICY_VERSION.match(s.consent.policy_version):
         raise ConfigError(

@@ -101,7 +101,8 @@ class Aggregator(Protocol):
 
     Given a batch, return (sql, rows) pairs for ``executemany``; upserts that add to
     existing counts stay exact when several writers run at once. ``?`` placeholders;
-    the PostgreSQL backend rewrites them to ``$n``.
+    the PostgreSQL backend rewrites them to ``$n``. Qualify the old value in an upsert
+    (``SET n = t.n + excluded.n``): PostgreSQL rejects a bare ``n`` as ambiguous.
     """
 
     def __call__(self, batch: Batch, dialect: Dialect) -> Iterable[Statement]: ...
