@@ -25,6 +25,7 @@ from collector.aggregates import aggregators
 from collector.api.admin import admin_routes
 from collector.audit import AuditLog
 from collector.auth import ApiGuard, TokenStore
+from collector.collect import collect_routes
 from collector.config import Settings, load_settings, resolve_secret
 from collector.consent import ConsentCodec
 from collector.enrich import Enricher
@@ -78,6 +79,7 @@ class CollectorApp:
                 Route("/healthz", self.healthz, methods=["GET"]),
                 Route("/metrics", self.prometheus, methods=["GET"]),
                 *admin_routes(self),
+                *collect_routes(self),
             ],
             exception_handlers={
                 CollectorError: _collector_error,

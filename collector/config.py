@@ -91,6 +91,20 @@ class PrivacySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class CollectSettings:
+    """``POST /collect``: batched app and server-side events (see collector/collect/)."""
+
+    enabled: bool = True
+    max_events: int = 100  # events per batch
+    max_bytes: int = 262_144  # request body
+    max_age_hours: int = 72  # older client times are clamped and flagged 'stale'
+    max_future_s: int = 60  # client clocks ahead by more than this: clamped, flagged 'future'
+    dedupe_hours: int = 72  # (app instance, event id) seen within this window counts once
+    rate_per_instance: int = 60  # batches per minute per app instance; 0 = unlimited
+    rate_per_ip: int = 600  # batches per minute per client IP; 0 = unlimited
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -98,6 +112,7 @@ class Settings:
     visitor: VisitorSettings = field(default_factory=VisitorSettings)
     geoip: GeoipSettings = field(default_factory=GeoipSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    collect: CollectSettings = field(default_factory=CollectSettings)
     # Where the settings came from, for the start-up log line; not a config key.
     source: str = field(default="defaults", compare=False)
 
@@ -251,6 +266,11 @@ def _validate(s: Settings) -> None:
     if s.privacy.max_url_length < 64:
         raise ConfigError("privacy.max_url_length: must be at least 64")
     positive("privacy.max_user_agent_length", s.privacy.max_user_agent_length)
+    for key in ("max_events", "max_bytes", "max_age_hours", "max_future_s", "dedupe_hours"):
+        positive(f"collect.{key}", getattr(s.collect, key))
+    for key in ("rate_per_instance", "rate_per_ip"):
+        if getattr(s.collect, key) < 0:
+            raise ConfigError(f"collect.{key}: must not be negative (0 = unlimited)")
 
 
 def resolve_secret(settings: Settings) -> Settings:
