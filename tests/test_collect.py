@@ -17,7 +17,16 @@ from collector.app import CollectorApp, create_app
 from collector.collect import OPENAPI, SCHEMAS, app_consent_token
 from collector.collect.events import clamp_time
 from collector.config import CollectSettings, Settings
-from tests.conftest import GEOIP, IPHONE_UA, ROOT, client_for, consent_value, make_settings
+from collector.consent import ConsentCodec
+from tests.conftest import (
+    GEOIP,
+    IPHONE_UA,
+    ROOT,
+    client_for,
+    consent_value,
+    make_settings,
+    rows,
+)
 
 INSTANCE = "app-instance-0001"
 APP_UA = "KDV/3.2.1 CFNetwork/1408.0.4 Darwin/22.5.0"
@@ -543,3 +552,24 @@ def test_openapi_description_refers_only_to_its_own_schemas() -> None:
     walk(SCHEMAS)
     assert refs <= set(SCHEMAS)
     json.dumps(OPENAPI)
+
+
+# --- a real server ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_server_counts_a_retried_batch_once_and_refuses_a_chunked_flood(
+    serve: Any, tmp_path: Path
+) -> None:
+    server = serve(env={"COLLECTOR_COLLECT_MAX_BYTES": "4096"})
+    codec = ConsentCodec(make_settings(tmp_path).consent)
+    token = codec.encode(codec.issue(1))
+    body = json.dumps(batch(event("r1"), event("r2"))).encode()
+    with httpx.Client(base_url=server.url, headers={"x-consent": token}) as c:
+        statuses = [c.post("/collect", content=body).json()["stored"] for _ in range(3)]
+        flood = c.post("/collect", content=iter([b" " * 1024] * 16))
+    assert statuses == [2, 0, 0]
+    assert flood.status_code == 413
+    server.stop()
+    stored = rows(tmp_path / "collector.db", "SELECT event_id, source FROM hits ORDER BY id")
+    assert [tuple(r) for r in stored] == [("r1", "app"), ("r2", "app")]
