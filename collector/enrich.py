@@ -328,6 +328,9 @@ class Enricher:
                     self.ua, hit.os_name or "", hit.os_version or "", hit.device_model or ""
                 )._asdict(),
             )
+        elif hit.source == "app" and browser.device_class == "bot":
+            # An app that declares nothing still is an app, not its HTTP library (okhttp).
+            browser = dataclasses.replace(browser, device_class="mobile")
         return HitRow(
             ts_ms=hit.ts_ms,
             ip=hit.ip,

@@ -146,6 +146,15 @@ async def test_android_model_resolves_to_brand(
     }
 
 
+async def test_an_app_that_declares_no_device_is_not_taken_for_a_bot(
+    app: CollectorApp, client: httpx.AsyncClient
+) -> None:
+    resp = await post(client, batch(event("a1")), consent_value(app, 1), {"user-agent": "okhttp/4"})
+    assert resp.json()["stored"] == 1
+    (row,) = await hits(app, "browser_family, device_class, device_model")
+    assert row == {"browser_family": "okhttp", "device_class": "mobile", "device_model": None}
+
+
 async def test_server_side_report_takes_the_visitor_ip_from_a_trusted_proxy(started: Any) -> None:
     app = await started(server={"trusted_proxies": ("10.0.0.0/8",)})
     async with client_for(app, ip="10.1.2.3") as backend:

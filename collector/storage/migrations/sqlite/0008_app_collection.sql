@@ -7,7 +7,7 @@ ALTER TABLE hits ADD COLUMN received_ms INTEGER;    -- when the server received 
 ALTER TABLE hits ADD COLUMN time_flag TEXT;         -- NULL, 'future' or 'stale': ts_ms was clamped
 ALTER TABLE hits ADD COLUMN app_version TEXT;
 ALTER TABLE hits ADD COLUMN device_model TEXT;      -- as declared by the app, e.g. iPhone14,2
-CREATE INDEX hits_source ON hits (source, ts_ms);
+CREATE INDEX collect_hits_source ON hits (source, ts_ms);
 
 CREATE TABLE collect_dedupe (
     instance_id TEXT    NOT NULL,
