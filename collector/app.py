@@ -28,6 +28,7 @@ from collector.api.consent import consent_routes
 from collector.api.ip import ip_routes
 from collector.audit import AuditLog
 from collector.auth import ApiGuard, TokenStore
+from collector.collect import collect_routes
 from collector.config import Settings, load_settings, resolve_secret
 from collector.consent import ConsentCodec
 from collector.consent_api import ConsentApi
@@ -88,6 +89,7 @@ class CollectorApp:
                 *admin_routes(self),
                 *self._consent_routes(),
                 *ip_routes(self),
+                *collect_routes(self),
             ],
             exception_handlers={
                 CollectorError: _collector_error,

@@ -141,6 +141,20 @@ class FraudSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class CollectSettings:
+    """``POST /collect``: batched app and server-side events (see collector/collect/)."""
+
+    enabled: bool = True
+    max_events: int = 100  # events per batch
+    max_bytes: int = 262_144  # request body
+    max_age_hours: int = 72  # older client times are clamped and flagged 'stale'
+    max_future_s: int = 60  # client clocks ahead by more than this: clamped, flagged 'future'
+    dedupe_hours: int = 72  # (app instance, event id) seen within this window counts once
+    rate_per_instance: int = 60  # batches per minute per app instance; 0 = unlimited
+    rate_per_ip: int = 600  # batches per minute per client IP; 0 = unlimited
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -150,6 +164,7 @@ class Settings:
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     ipstats: IpstatsSettings = field(default_factory=IpstatsSettings)
     fraud: FraudSettings = field(default_factory=FraudSettings)
+    collect: CollectSettings = field(default_factory=CollectSettings)
     # Where the settings came from, for the start-up log line; not a config key.
     source: str = field(default="defaults", compare=False)
 
@@ -332,6 +347,12 @@ def _validate(s: Settings) -> None:
         value = getattr(s.fraud, key)
         if not isinstance(value, bool):
             positive(f"fraud.{key}", value)
+
+    for key in ("max_events", "max_bytes", "max_age_hours", "max_future_s", "dedupe_hours"):
+        positive(f"collect.{key}", getattr(s.collect, key))
+    for key in ("rate_per_instance", "rate_per_ip"):
+        if getattr(s.collect, key) < 0:
+            raise ConfigError(f"collect.{key}: must not be negative (0 = unlimited)")
 
 
 def _validate_consent_sources(c: ConsentSettings) -> None:

@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from collector.collect.consent_token import app_consent_token
 from collector.config import Settings
 from collector.consent import ADVERTISING, STATISTICS, Consent, ConsentCodec, ConsentReader
 from collector.consent_records import Action, ConsentRecord, ConsentRecords
@@ -180,17 +181,24 @@ class ConsentApi:
         raise _Forbidden(f"origin {origin!r} may not change consent (consent.allowed_origins)")
 
     async def _change(self, request: Request, origin: str | None) -> Response:
-        checked = self._check_origin(request, origin)
+        client = "web"
+        if request.method == "POST":
+            purposes, source, client = await _read_decision(request)
+        # An app keeps its decision as a token it sends in X-Consent (no cookie is set), so
+        # a cross-site POST gains nothing: only browser decisions need the origin check.
+        checked = (
+            (origin or "app")[:256] if client == "app" else self._check_origin(request, origin)
+        )
         if self.source != "cookie":
             raise _Conflict(
                 f"consent.source is {self.source!r}: the decision is made in that consent "
                 "platform, not here"
             )
         action: Action = "withdraw"
-        purposes, source = 0, "delete"
         if request.method == "POST":
-            purposes, source = await _read_decision(request)
             action = "grant" if purposes else "refuse"
+        else:
+            purposes, source = 0, "delete"
         now = time.time()
         raw = self._cookies(request).get(self.cookie_name)
         previous = self.codec.verify(raw) if raw else None
@@ -212,6 +220,10 @@ class ConsentApi:
                 gpc=gpc,
             )
         )
+        if client == "app":
+            body = {**self._state(consent, consent, stale=False, gpc=gpc)}
+            body.update(app_consent_token(self.codec, consent))
+            return JSONResponse(body)
         response = JSONResponse(self._state(consent, consent, stale=False, gpc=gpc))
         value = self.codec.encode(consent)
         response.headers.append(
@@ -224,8 +236,8 @@ class ConsentApi:
         return response
 
 
-async def _read_decision(request: Request) -> tuple[int, str]:
-    """Purpose bits and source ("post-json" / "post-form") from the body, or BadBody."""
+async def _read_decision(request: Request) -> tuple[int, str, str]:
+    """Purpose bits, source ("post-json" / "post-form" / "app") and client, or BadBody."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = b""
     async for chunk in request.stream():
@@ -233,9 +245,11 @@ async def _read_decision(request: Request) -> tuple[int, str]:
         if len(body) > MAX_BODY:
             raise BadBody(f"body larger than {MAX_BODY} bytes", status=413)
     if kind == "application/json":
-        return _purposes(_json_fields(body)), "post-json"
+        fields = _json_fields(body)
+        client = str(fields.pop("client", "web"))
+        return _purposes(fields), "app" if client == "app" else "post-json", client
     if kind == "application/x-www-form-urlencoded":
-        return _purposes(_form_fields(body)), "post-form"
+        return _purposes(_form_fields(body)), "post-form", "web"
     raise BadBody(
         "send application/json or application/x-www-form-urlencoded, "
         f"not {kind or 'an empty content type'!r}",
@@ -243,7 +257,7 @@ async def _read_decision(request: Request) -> tuple[int, str]:
     )
 
 
-def _json_fields(body: bytes) -> dict[str, bool]:
+def _json_fields(body: bytes) -> dict[str, bool | str]:
     try:
         data = json.loads(body or b"null")
     except (ValueError, RecursionError):
@@ -251,8 +265,14 @@ def _json_fields(body: bytes) -> dict[str, bool]:
     if not isinstance(data, dict):
         raise BadBody('body must be a JSON object like {"statistics": true}')
     for key, value in data.items():
+        if key == "client":
+            if value not in ("web", "app"):
+                raise BadBody('client: expected "web" or "app"', "client")
+            continue
         if key not in _PURPOSES:
-            raise BadBody(f"unknown field {key[:40]!r} (known: statistics, advertising)", key[:40])
+            raise BadBody(
+                f"unknown field {key[:40]!r} (known: statistics, advertising, client)", key[:40]
+            )
         if not isinstance(value, bool):
             raise BadBody(f"{key}: expected true or false, got {json.dumps(value)[:40]}", key)
     return data
@@ -276,7 +296,7 @@ def _form_fields(body: bytes) -> dict[str, bool]:
     return fields
 
 
-def _purposes(fields: Mapping[str, bool]) -> int:
+def _purposes(fields: Mapping[str, bool | str]) -> int:
     # A missing purpose is a refusal: consent is never implied (4.1.10, 4.1.11).
     bits = STATISTICS if fields.get("statistics") else 0
     return bits | (ADVERTISING if fields.get("advertising") else 0)

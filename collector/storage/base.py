@@ -27,6 +27,16 @@ class RawHit(NamedTuple):
     policy_version: str
     cookies: tuple[tuple[str, str], ...]
     source: str = "web"
+    # App / server events (POST /collect); None for the pixel.
+    event_id: str | None = None
+    event_type: str | None = None
+    client_ts_ms: int | None = None
+    received_ms: int | None = None
+    time_flag: str | None = None
+    app_version: str | None = None
+    os_name: str | None = None
+    os_version: str | None = None
+    device_model: str | None = None
 
 
 class AnonHit(NamedTuple):
@@ -70,6 +80,14 @@ class HitRow(NamedTuple):
     consent_id: str
     policy_version: str
     source: str
+    # App / server events only (migration 0008); NULL for pixel hits.
+    event_id: str | None = None
+    event_type: str | None = None
+    client_ts_ms: int | None = None
+    received_ms: int | None = None
+    time_flag: str | None = None
+    app_version: str | None = None
+    device_model: str | None = None
 
 
 HIT_COLUMNS: tuple[str, ...] = HitRow._fields
