@@ -22,7 +22,7 @@ import pytest
 from collector.app import CollectorApp, create_app
 from collector.config import Settings, load_settings
 from collector.consent import ConsentCodec
-from collector.errors import ConfigError
+from collector.errors import ConfigError, StorageError
 from tests.conftest import IPHONE_UA, SECRET, client_for, make_settings, rows
 from tests.test_consent_sources import cc_cookie, tc_core
 
@@ -495,3 +495,24 @@ async def test_scripts_are_served_and_the_demo_only_when_enabled(
     async with application.lifespan(application.starlette), client_for(application) as c:
         page = await c.get("/demo/")
         assert page.status_code == 200 and "data-kdv-pixel" in page.text
+
+
+async def test_consent_records_are_kept_append_only_on_each_backend(
+    backend_app: CollectorApp, backend_client: httpx.AsyncClient
+) -> None:
+    resp = await backend_client.post(
+        "/consent",
+        json={"statistics": True, "advertising": True},
+        headers={"origin": "http://testserver"},  # the collector's own page
+    )
+    assert resp.status_code == 200
+    consent_id = resp.json()["consent_id"]
+    record = await backend_app.storage.fetch_one(
+        "SELECT action, statistics, advertising, ip_hash FROM consent_records WHERE consent_id = ?",
+        [consent_id],
+    )
+    assert record is not None
+    assert (record["action"], record["statistics"], record["advertising"]) == ("grant", 1, 1)
+    assert len(record["ip_hash"]) == 64 and IP not in str(record)
+    with pytest.raises(StorageError, match="append-only"):
+        await backend_app.storage.execute("UPDATE consent_records SET statistics = 0")
