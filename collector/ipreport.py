@@ -70,55 +70,71 @@ def geo_dict(geo: GeoInfo) -> dict[str, Any]:
 async def _stats(
     storage: Storage, day: str, scope: str, subject: str | None
 ) -> dict[str, DayStats]:
-    """Every subject's ``DayStats`` for ``day`` (or one subject's)."""
-    only = " AND subject = ?" if subject else ""
-    args: list[Any] = [day, scope, *([subject] if subject else [])]
+    """Every subject's ``DayStats`` for ``day`` (or one subject's).
+
+    The tables hold rows per IP; a network's figures are their sums, maxima and
+    distinct counts over its IPs, taken here (see ``collector.ipstats``).
+    """
+    col = "ip" if scope == "ip" else "net"
+    only = f" AND {col} = ?" if subject else ""
+    args: list[Any] = [day, *([subject] if subject else [])]
     found: dict[str, DayStats] = defaultdict(DayStats)
     for r in await storage.fetch_all(
-        f"SELECT * FROM ipstat_daily WHERE day = ? AND scope = ?{only}", args
-    ):
-        s = found[r["subject"]]
-        s.hits, s.bot_hits, s.no_page_hits = r["hits"], r["bot_hits"], r["no_page_hits"]
-        s.first_ms, s.last_ms, s.peak_per_minute = r["first_ms"], r["last_ms"], r["peak_per_minute"]
-    for r in await storage.fetch_all(
-        "SELECT subject, kind, COUNT(*) AS n FROM ipstat_values WHERE day = ? AND scope = ?"
-        f"{only} AND kind IN ('visitor', 'ua', 'ip') GROUP BY subject, kind",
+        f"SELECT {col} AS subject, SUM(hits) AS hits, SUM(bot_hits) AS bot_hits, "
+        "SUM(no_page_hits) AS no_page_hits, MIN(first_ms) AS first_ms, "
+        f"MAX(last_ms) AS last_ms, COUNT(*) AS ips FROM ipstat_daily WHERE day = ?{only} "
+        f"GROUP BY {col}",
         args,
     ):
         s = found[r["subject"]]
-        attr = {"visitor": "visitors", "ua": "user_agents", "ip": "ips"}[r["kind"]]
-        setattr(s, attr, int(r["n"]))
+        s.hits, s.bot_hits = int(r["hits"]), int(r["bot_hits"])
+        s.no_page_hits = int(r["no_page_hits"])
+        s.first_ms, s.last_ms = int(r["first_ms"]), int(r["last_ms"])
+        if scope == "net":
+            s.ips = int(r["ips"])
+    # The peak is the busiest minute of the day, taken here rather than kept on write.
     for r in await storage.fetch_all(
-        "SELECT subject, kind, value FROM ipstat_values WHERE day = ? AND scope = ?"
-        f"{only} AND kind IN ('country', 'botfamily') ORDER BY value",
+        f"SELECT subject, MAX(n) AS peak FROM (SELECT {col} AS subject, minute, SUM(hits) AS n "
+        f"FROM ipstat_minute WHERE day = ?{only} GROUP BY {col}, minute) m GROUP BY subject",
+        args,
+    ):
+        found[r["subject"]].peak_per_minute = int(r["peak"])
+    for r in await storage.fetch_all(
+        f"SELECT {col} AS subject, COUNT(DISTINCT visitor) AS visitors, "
+        f"COUNT(DISTINCT ua) AS uas FROM ipstat_values WHERE day = ?{only} GROUP BY {col}",
         args,
     ):
         s = found[r["subject"]]
-        (s.countries if r["kind"] == "country" else s.bot_families).append(r["value"])
+        s.visitors, s.user_agents = int(r["visitors"]), int(r["uas"])
+    for kind in ("country", "botfamily"):
+        for r in await storage.fetch_all(
+            f"SELECT DISTINCT {col} AS subject, {kind} AS value FROM ipstat_values "
+            f"WHERE day = ?{only} AND {kind} <> '' ORDER BY value",
+            args,
+        ):
+            s = found[r["subject"]]
+            (s.countries if kind == "country" else s.bot_families).append(r["value"])
     # The busiest visitor ids behind each subject: how many IPs and countries they used.
     inner_only = (
-        " AND subject IN (SELECT value FROM ipstat_values WHERE day = ? AND scope = ? "
-        "AND subject = ? AND kind = 'visitor')"
+        f" AND visitor IN (SELECT visitor FROM ipstat_values WHERE day = ? AND {col} = ?)"
         if subject
         else ""
     )
     for r in await storage.fetch_all(
-        "SELECT v.subject AS subject, c.kind AS kind, MAX(c.n) AS n FROM ipstat_values v "
-        "JOIN (SELECT subject, kind, COUNT(*) AS n FROM ipstat_values WHERE day = ? "
-        f"AND scope = 'visitor'{inner_only} GROUP BY subject, kind) c ON c.subject = v.value "
-        f"WHERE v.day = ? AND v.scope = ?{only.replace('subject', 'v.subject')} "
-        "AND v.kind = 'visitor' GROUP BY v.subject, c.kind",
-        [day, *(args if subject else []), *args],
+        "SELECT s.subject AS subject, MAX(c.ips) AS ips, MAX(c.countries) AS countries FROM "
+        f"(SELECT DISTINCT {col} AS subject, visitor FROM ipstat_values WHERE day = ?{only}) s "
+        "JOIN (SELECT visitor, COUNT(DISTINCT ip) AS ips, "
+        "COUNT(DISTINCT NULLIF(country, '')) AS countries FROM ipstat_values WHERE day = ?"
+        f"{inner_only} GROUP BY visitor) c ON c.visitor = s.visitor GROUP BY s.subject",
+        [*args, day, *(args if subject else [])],
     ):
         s = found[r["subject"]]
-        if r["kind"] == "ip":
-            s.max_ips_per_visitor = int(r["n"])
-        else:
-            s.max_countries_per_visitor = int(r["n"])
+        s.max_ips_per_visitor = int(r["ips"])
+        s.max_countries_per_visitor = int(r["countries"])
     if scope == "ip":
         ip_only = " AND ip = ?" if subject else ""
         for r in await storage.fetch_all(
-            f"SELECT * FROM ipstat_unconsented WHERE day = ?{ip_only}", args[:1] + args[2:]
+            f"SELECT * FROM ipstat_unconsented WHERE day = ?{ip_only}", args
         ):
             s = found[r["ip"]]
             s.unconsented_hits, s.unconsented_bot_hits = r["hits"], r["bot_hits"]
@@ -171,7 +187,7 @@ async def lookup(
     last = date or today()
     first = day_of(int(time.mktime(time.strptime(last, "%Y-%m-%d")) * 1000) - days * DAY_MS)
     found = await storage.fetch_all(
-        "SELECT day FROM ipstat_daily WHERE scope = 'ip' AND subject = ? AND day > ? "
+        "SELECT day FROM ipstat_daily WHERE ip = ? AND day > ? "
         "AND day <= ? UNION SELECT day FROM ipstat_unconsented WHERE ip = ? AND day > ? "
         "AND day <= ? ORDER BY day DESC",
         [ip, first, last, ip, first, last],

@@ -1,17 +1,27 @@
 """Per-IP and per-network statistics (3.3.2 fraud control and troubleshooting, 4.1.4).
 
 Kept on write by ``IpStatsAggregator`` inside each batch transaction, per UTC day:
-hits, bot hits, hits without a page, first and last seen, peak hits per minute
-(``ipstat_daily``), and exact distinct visitor ids, user agents, countries and IPs
-(``ipstat_values``, one row per value, ``ON CONFLICT DO NOTHING``; counted when read).
-Every statement is an upsert that adds to what is there, rows sorted by key so that
-concurrent writers (processes, nodes) lock in the same order and stay exact; the peak
-is raised from the minute counter after the counter's own upsert, so the last writer
-of a minute always sees its full count.
+hits, bot hits, hits without a page, first and last seen (``ipstat_daily``), hits per
+minute (``ipstat_minute``; the day's peak per minute is their maximum, taken when read),
+and exact distinct visitor ids, user agents and countries per IP and network, and IPs
+and countries per visitor id (``ipstat_values``, one row per value, ``ON CONFLICT DO
+NOTHING``; counted when read; a network's distinct IPs are its IPs' daily rows). Every
+statement is a plain ``VALUES`` upsert that adds to what is there, grouped by (day,
+scope, subject) within the batch and sorted by key, so that concurrent writers
+(processes, nodes) lock rows in the same order and stay exact.
 
-Blocked subjects (6.2.4) are left out on write by a ``NOT EXISTS`` guard on ``blocks``,
-the same rule as ``collector.visibility.VISIBLE``; ``rebuild`` recomputes days from the
-visible raw hits after a block, a release or an erasure.
+Blocked subjects (6.2.4) are not checked here: per row, that guard cost more than the
+rest of the aggregation. They are kept out by the writer's filters
+(``BatchWriter.filters``, fed by the governance block list) before a batch reaches
+storage, and ``rebuild`` recomputes the affected days from the visible raw hits after
+every block, release or erasure. A hit that is written in the moment between a block
+being recorded and the writer's block list picking it up is therefore counted until
+that rebuild runs; the governance code rebuilds after the list has settled.
+
+There is deliberately no in-process cache of values already stored: ``rebuild``,
+``erase_subject`` and ``purge`` (run by another connection, process or node) delete value
+rows, and a cache that still believed in them would skip their re-insertion and
+undercount until the next rebuild. Duplicates within one batch are dropped in memory.
 
 Requests without statistics consent reach ``ipstat_unconsented`` only when
 ``[ipstats] without_consent`` is on: IP, hit and bot counts and the minute peak, nothing
@@ -24,11 +34,10 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from collector.config import Settings
 from collector.fraud import crawler_of
@@ -39,14 +48,7 @@ DAY_MS = 86_400_000
 MINUTE_MS = 60_000
 _PURGE_EVERY_S = 600.0
 _REBUILD_PAGE = 5000
-
-_T = "CAST(? AS TEXT)"
-_N = "CAST(? AS BIGINT)"
-# The block rule of collector.visibility.VISIBLE for one (ip, visitor id) pair.
-_GUARD = (
-    "NOT EXISTS (SELECT 1 FROM blocks b WHERE b.released_at IS NULL AND "
-    f"((b.kind = 'ip' AND b.value = {_T}) OR (b.kind = 'visitor' AND b.value = {_T})))"
-)
+_TABLES = ("ipstat_daily", "ipstat_minute", "ipstat_values")
 
 
 def _earliest(table: str, col: str) -> str:
@@ -57,10 +59,10 @@ def _latest(table: str, col: str) -> str:
     return f"CASE WHEN excluded.{col} > {table}.{col} THEN excluded.{col} ELSE {table}.{col} END"
 
 
+# PostgreSQL rejects a bare column in DO UPDATE: the old value is always table-qualified.
 _UPSERT_DAILY = (
-    "INSERT INTO ipstat_daily (day, scope, subject, hits, bot_hits, no_page_hits, first_ms, "
-    f"last_ms) SELECT {_T}, {_T}, {_T}, {_N}, {_N}, {_N}, {_N}, {_N} WHERE {_GUARD} "
-    "ON CONFLICT (day, scope, subject) DO UPDATE SET "
+    "INSERT INTO ipstat_daily (day, ip, net, hits, bot_hits, no_page_hits, first_ms, last_ms) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (day, ip) DO UPDATE SET "
     "hits = ipstat_daily.hits + excluded.hits, "
     "bot_hits = ipstat_daily.bot_hits + excluded.bot_hits, "
     "no_page_hits = ipstat_daily.no_page_hits + excluded.no_page_hits, "
@@ -68,19 +70,12 @@ _UPSERT_DAILY = (
     f"last_ms = {_latest('ipstat_daily', 'last_ms')}"
 )
 _UPSERT_MINUTE = (
-    "INSERT INTO ipstat_minute (scope, subject, minute, hits) "
-    f"SELECT {_T}, {_T}, {_N}, {_N} WHERE {_GUARD} "
-    "ON CONFLICT (scope, subject, minute) DO UPDATE SET hits = ipstat_minute.hits + excluded.hits"
-)
-_RAISE_PEAK = (
-    "UPDATE ipstat_daily SET peak_per_minute = COALESCE((SELECT m.hits FROM ipstat_minute m "
-    "WHERE m.scope = ipstat_daily.scope AND m.subject = ipstat_daily.subject AND m.minute = ? "
-    "AND m.hits > ipstat_daily.peak_per_minute), ipstat_daily.peak_per_minute) "
-    "WHERE day = ? AND scope = ? AND subject = ?"
+    "INSERT INTO ipstat_minute (day, ip, minute, net, hits) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (day, ip, minute) DO UPDATE SET hits = ipstat_minute.hits + excluded.hits"
 )
 _INSERT_VALUE = (
-    "INSERT INTO ipstat_values (day, scope, subject, kind, value) "
-    f"SELECT {_T}, {_T}, {_T}, {_T}, {_T} WHERE {_GUARD} ON CONFLICT DO NOTHING"
+    "INSERT INTO ipstat_values (day, ip, visitor, ua, country, botfamily, net) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
 )
 _UPSERT_UNCONSENTED = (
     "INSERT INTO ipstat_unconsented (day, ip, hits, bot_hits, crawler_hits, first_ms, last_ms) "
@@ -152,64 +147,54 @@ def _fact(row: HitRow) -> Fact:
     )
 
 
-@dataclass(slots=True)
-class _Group:
-    """One (day, ip, visitor id) of a batch: the unit the block guard applies to."""
-
-    hits: int = 0
-    bots: int = 0
-    no_page: int = 0
-    first: int = 2**62
-    last: int = 0
-    uas: set[str] = field(default_factory=set)
-    countries: set[str] = field(default_factory=set)
-    bot_families: set[str] = field(default_factory=set)
-    minutes: Counter[int] = field(default_factory=Counter)
-
-
 def statements(facts: Iterable[Fact]) -> list[Statement]:
-    """Upserts that add ``facts`` to the per-IP, per-network and per-visitor statistics."""
-    groups: dict[tuple[str, str, str], _Group] = defaultdict(_Group)
-    for f in facts:
-        g = groups[(day_of(f.ts_ms), f.ip, f.visitor_id)]
-        g.hits += 1
-        g.first = min(g.first, f.ts_ms)
-        g.last = max(g.last, f.ts_ms)
-        g.minutes[f.ts_ms // MINUTE_MS] += 1
-        g.uas.add(ua_key(f.user_agent))
-        if f.device_class == "bot":
-            g.bots += 1
-            g.bot_families.add(f.browser_family)
-        if not f.page_url:
-            g.no_page += 1
-        if f.country:
-            g.countries.add(f.country)
-    if not groups:
+    """Upserts that add ``facts`` to the per-IP statistics (networks and visitor ids are
+    derived from these rows when read).
+
+    Hits are summed per (day, IP) and per (day, IP, minute), and their distinct value
+    combinations collected, in memory; each row is then one plain ``VALUES`` upsert,
+    and each statement's rows are sorted by key.
+    """
+    days: dict[int, str] = {}
+    # (day, ip) -> [hits, bot hits, no-page hits, first_ms, last_ms]
+    per_ip: dict[tuple[str, str], list[int]] = {}
+    per_minute: Counter[tuple[str, str, int]] = Counter()
+    combos: set[tuple[str, str, str, str, str, str]] = set()
+    for ts, ip, vid, ua, family, device, page, country in facts:
+        key_day = ts // DAY_MS
+        day = days.get(key_day)
+        if day is None:
+            day = days[key_day] = day_of(ts)
+        key = (day, ip)
+        row = per_ip.get(key)
+        if row is None:
+            row = per_ip[key] = [0, 0, 0, ts, ts]
+        row[0] += 1
+        if ts < row[3]:
+            row[3] = ts
+        elif ts > row[4]:
+            row[4] = ts
+        per_minute[(day, ip, ts // MINUTE_MS)] += 1
+        bot = device == "bot"
+        if bot:
+            row[1] += 1
+        if not page:
+            row[2] += 1
+        combos.add((day, ip, vid, ua_key(ua), country or "", family if bot else ""))
+    if not per_ip:
         return []
-    daily: list[tuple[Any, ...]] = []
-    minutes: list[tuple[Any, ...]] = []
-    peaks: set[tuple[int, str, str, str]] = set()
-    values: set[tuple[str, ...]] = set()
-    for (day, ip, vid), g in groups.items():
-        net = network_of(ip)
-        for scope, subject in (("ip", ip), ("net", net)):
-            daily.append((day, scope, subject, g.hits, g.bots, g.no_page, g.first, g.last, ip, vid))
-            for minute, n in g.minutes.items():
-                minutes.append((scope, subject, minute, n, ip, vid))
-                peaks.add((minute, day, scope, subject))
-            values.add((day, scope, subject, "visitor", vid, ip, vid))
-            values.update((day, scope, subject, "ua", ua, ip, vid) for ua in g.uas)
-            values.update((day, scope, subject, "country", c, ip, vid) for c in g.countries)
-            values.update((day, scope, subject, "botfamily", b, ip, vid) for b in g.bot_families)
-        values.add((day, "net", net, "ip", ip, ip, vid))
-        values.add((day, "visitor", vid, "ip", ip, ip, vid))
-        values.update((day, "visitor", vid, "country", c, ip, vid) for c in g.countries)
-    # Sorted, so that concurrent PostgreSQL writers take row locks in one order.
+    # Sorted by primary key (net follows from ip), so that concurrent PostgreSQL
+    # writers take row locks in one order.
     return [
-        (_UPSERT_DAILY, sorted(daily)),
-        (_UPSERT_MINUTE, sorted(minutes)),
-        (_RAISE_PEAK, sorted(peaks)),
-        (_INSERT_VALUE, sorted(values)),
+        (
+            _UPSERT_DAILY,
+            sorted((day, ip, network_of(ip), *row) for (day, ip), row in per_ip.items()),
+        ),
+        (
+            _UPSERT_MINUTE,
+            sorted((day, ip, m, network_of(ip), n) for (day, ip, m), n in per_minute.items()),
+        ),
+        (_INSERT_VALUE, sorted((*c, network_of(c[1])) for c in combos)),
     ]
 
 
@@ -283,12 +268,8 @@ async def rebuild(tx: Transaction, from_ms: int, to_ms: int) -> None:
     """
     start, end = _day_bounds(from_ms, to_ms)
     first_day, last_day = day_of(start), day_of(end - 1)
-    await tx.execute("DELETE FROM ipstat_daily WHERE day >= ? AND day <= ?", [first_day, last_day])
-    await tx.execute("DELETE FROM ipstat_values WHERE day >= ? AND day <= ?", [first_day, last_day])
-    await tx.execute(
-        "DELETE FROM ipstat_minute WHERE minute >= ? AND minute < ?",
-        [start // MINUTE_MS, end // MINUTE_MS],
-    )
+    for table in _TABLES:
+        await tx.execute(f"DELETE FROM {table} WHERE day >= ? AND day <= ?", [first_day, last_day])
     last_id = 0
     while True:
         found = await tx.fetch_all(
@@ -306,28 +287,21 @@ async def rebuild(tx: Transaction, from_ms: int, to_ms: int) -> None:
 
 async def purge(tx: Transaction, before_ms: int) -> None:
     """Retention: drop the statistics of days that end before ``before_ms`` (as hits go)."""
-    await tx.execute("DELETE FROM ipstat_daily WHERE day < ?", [day_of(before_ms)])
-    await tx.execute("DELETE FROM ipstat_values WHERE day < ?", [day_of(before_ms)])
-    await tx.execute("DELETE FROM ipstat_minute WHERE minute < ?", [before_ms // MINUTE_MS])
+    for table in _TABLES:
+        await tx.execute(f"DELETE FROM {table} WHERE day < ?", [day_of(before_ms)])
 
 
 async def erase_subject(tx: Transaction, kind: str, value: str) -> None:
     """Erasure: delete the rows that name an IP or a visitor id directly, the
     unconsented counters included. Counts that merely included the subject (its
-    network, other IPs' visitor counts) are corrected by ``rebuild`` over the subject's
+    network, its IPs' visitor counts) are corrected by ``rebuild`` over the subject's
     days once its hits are gone.
     """
     if kind == "ip":
-        for table in ("ipstat_daily", "ipstat_values"):
-            await tx.execute(f"DELETE FROM {table} WHERE scope = 'ip' AND subject = ?", [value])
-        await tx.execute("DELETE FROM ipstat_minute WHERE scope = 'ip' AND subject = ?", [value])
-        await tx.execute("DELETE FROM ipstat_values WHERE kind = 'ip' AND value = ?", [value])
-        await tx.execute("DELETE FROM ipstat_unconsented WHERE ip = ?", [value])
+        for table in (*_TABLES, "ipstat_unconsented"):
+            await tx.execute(f"DELETE FROM {table} WHERE ip = ?", [value])
         await tx.execute("DELETE FROM ipstat_unconsented_minute WHERE ip = ?", [value])
     elif kind == "visitor":
-        await tx.execute(
-            "DELETE FROM ipstat_values WHERE scope = 'visitor' AND subject = ?", [value]
-        )
-        await tx.execute("DELETE FROM ipstat_values WHERE kind = 'visitor' AND value = ?", [value])
+        await tx.execute("DELETE FROM ipstat_values WHERE visitor = ?", [value])
     else:
         raise ValueError(f"kind must be 'ip' or 'visitor', got {kind!r}")
