@@ -31,7 +31,10 @@ pytestmark = pytest.mark.slow
 
 HITS = int(os.environ.get("COLLECTOR_SOAK_HITS", "1000000"))
 WARMUP = 0.2  # memory is compared from 20% of the hits on
-RSS_GROWTH_MAX_MB = 25.0
+# Any per-hit leak (a retained hit is >= 200 bytes) would exceed this many times over
+# 800k hits; what remains is allocator high water (SQLite page caches, malloc arenas of
+# aiosqlite's threads, the largest batch backlog seen), 14-33 MB in the runs so far.
+RSS_GROWTH_MAX_MB = 48.0
 WRK = shutil.which("wrk")
 
 _LUA = r"""
@@ -161,14 +164,19 @@ def test_a_million_hits_keep_memory_flat_and_every_consented_one_stored(
     db = tmp_path / "collector.db"
     stored = rows(db, "SELECT count(*) FROM hits")[0][0]
     counted = rows(db, "SELECT sum(hits) FROM pixel_counts")[0][0]
+    assert rows(db, "PRAGMA integrity_check")[0][0] == "ok"
 
     warm = next(rss for n, rss in samples if n >= WARMUP * HITS)
     peak_after = max(rss for n, rss in samples if n >= WARMUP * HITS)
     growth = peak_after - warm
+    curve = [
+        f"{q}%:{next(rss for n, rss in samples if n >= q / 100 * (HITS - threads)):.0f}MB"
+        for q in (20, 40, 60, 80, 100)
+    ]
     print(
         f"soak: hits={gif} in {elapsed:.0f}s ({gif / elapsed:.0f}/s) consented={consented} "
         f"stored={stored} p99={summary[4]}ms rss_warm={warm:.1f}MB rss_peak={peak_after:.1f}MB "
-        f"growth={growth:.1f}MB"
+        f"growth={growth:.1f}MB rss_at={' '.join(curve)}"
     )
     assert HITS - threads <= gif <= HITS and other == 0
     assert stored == consented > HITS // 3  # every consented answer is one row
