@@ -31,10 +31,12 @@ pytestmark = pytest.mark.slow
 
 HITS = int(os.environ.get("COLLECTOR_SOAK_HITS", "1000000"))
 WARMUP = 0.2  # memory is compared from 20% of the hits on
-# Any per-hit leak (a retained hit is >= 200 bytes) would exceed this many times over
-# 800k hits; what remains is allocator high water (SQLite page caches, malloc arenas of
-# aiosqlite's threads, the largest batch backlog seen), 14-33 MB in the runs so far.
-RSS_GROWTH_MAX_MB = 48.0
+# RSS after warm-up may grow by the write backlog's high water (hits waiting in memory
+# when the writer is starved of CPU on a shared machine; freed memory stays with the
+# allocator) plus this much. A per-hit leak (a retained hit is >= 200 bytes) exceeds it
+# many times over 800k hits.
+RSS_GROWTH_MAX_MB = 32.0
+QUEUED_HIT_BYTES = 1024  # a waiting RawHit with its strings, generously
 WRK = shutil.which("wrk")
 
 _LUA = r"""
@@ -111,9 +113,11 @@ def rss_mb(pid: int) -> float:
     return int(found[1]) / 1024
 
 
-def processed(server: Server) -> int:
-    """Pixel requests the writer has stored or counted (consented + anonymous + dropped)."""
+def processed(server: Server) -> tuple[int, int]:
+    """Pixel requests the writer has stored or counted (consented + anonymous + dropped),
+    and the hits waiting in its queue right now."""
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    depth = re.search(r"^collector_queue_depth (\S+)$", text, re.M)
     total = 0.0
     for name in (
         "collector_hits_recorded_total",
@@ -121,7 +125,7 @@ def processed(server: Server) -> int:
         "collector_hits_dropped_total",
     ):
         total += sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M))
-    return int(total)
+    return int(total), int(float(depth[1])) if depth else 0
 
 
 @pytest.mark.skipif(WRK is None, reason="needs Debian's wrk (make system-deps)")
@@ -140,12 +144,12 @@ def test_a_million_hits_keep_memory_flat_and_every_consented_one_stored(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    samples: list[tuple[int, float]] = []  # (pixel requests processed, server RSS MB)
+    samples: list[tuple[int, float, int]] = []  # (hits processed, server RSS MB, queue depth)
     try:
         while True:
             time.sleep(1.0)
-            done = processed(server)
-            samples.append((done, rss_mb(server.proc.pid)))
+            done, depth = processed(server)
+            samples.append((done, rss_mb(server.proc.pid), depth))
             if done >= HITS - threads:  # wrk sends one request less per thread than asked
                 break
             assert wrk.poll() is None, wrk.stdout.read().decode() if wrk.stdout else ""
@@ -166,19 +170,20 @@ def test_a_million_hits_keep_memory_flat_and_every_consented_one_stored(
     counted = rows(db, "SELECT sum(hits) FROM pixel_counts")[0][0]
     assert rows(db, "PRAGMA integrity_check")[0][0] == "ok"
 
-    warm = next(rss for n, rss in samples if n >= WARMUP * HITS)
-    peak_after = max(rss for n, rss in samples if n >= WARMUP * HITS)
+    warm = next(rss for n, rss, _ in samples if n >= WARMUP * HITS)
+    peak_after = max(rss for n, rss, _ in samples if n >= WARMUP * HITS)
+    backlog = max(depth for _, _, depth in samples)
     growth = peak_after - warm
     curve = [
-        f"{q}%:{next(rss for n, rss in samples if n >= q / 100 * (HITS - threads)):.0f}MB"
+        f"{q}%:{next(rss for n, rss, _ in samples if n >= q / 100 * (HITS - threads)):.0f}MB"
         for q in (20, 40, 60, 80, 100)
     ]
     print(
         f"soak: hits={gif} in {elapsed:.0f}s ({gif / elapsed:.0f}/s) consented={consented} "
         f"stored={stored} p99={summary[4]}ms rss_warm={warm:.1f}MB rss_peak={peak_after:.1f}MB "
-        f"growth={growth:.1f}MB rss_at={' '.join(curve)}"
+        f"growth={growth:.1f}MB rss_at={' '.join(curve)} max_queue={backlog}"
     )
     assert HITS - threads <= gif <= HITS and other == 0
     assert stored == consented > HITS // 3  # every consented answer is one row
     assert counted == gif  # and every pixel answer moved the per-page counter once
-    assert growth <= RSS_GROWTH_MAX_MB, samples
+    assert growth <= RSS_GROWTH_MAX_MB + backlog * QUEUED_HIT_BYTES / 2**20, samples
