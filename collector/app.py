@@ -39,6 +39,7 @@ from collector.geo import GeoIP
 from collector.logs import configure_logging, redact
 from collector.metrics import Metrics
 from collector.pixel import Pixel, Receive, Scope, Send
+from collector.security import SecurityHeaders
 from collector.storage import open_storage
 from collector.writer import BatchWriter
 
@@ -98,12 +99,14 @@ class CollectorApp:
             lifespan=self.lifespan,
         )
         self.starlette.state.collector = self
+        # Outermost around Starlette (error responses included); the pixel bypasses it.
+        self.web = SecurityHeaders(self.starlette)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == "/p.gif":
             await self.pixel(scope, receive, send)
             return
-        await self.starlette(scope, receive, send)
+        await self.web(scope, receive, send)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:

@@ -38,6 +38,9 @@ def configure_logging(server: ServerSettings) -> None:
         logging.getLogger(name).propagate = True
     # Access lines carry client IPs and page URLs (personal data, 1.1.2): off unless asked.
     logging.getLogger("uvicorn.access").disabled = not server.access_log
+    # aiosqlite's debug lines print every statement's bound parameters: whole hit rows
+    # (IPs, visitor ids, 1.1.2) and token hashes. Never below INFO, whatever log_level says.
+    logging.getLogger("aiosqlite").setLevel(max(logging.INFO, root.level))
 
 
 def redact(settings: Settings) -> dict[str, Any]:

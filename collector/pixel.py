@@ -99,6 +99,7 @@ class Pixel:
         self.sid_name = settings.visitor.session_cookie_name
         self.honor_dnt = settings.consent.honor_dnt
         self.ip_without_consent = settings.ipstats.without_consent
+        self.max_ua = settings.privacy.max_user_agent_length
         self.allowlist = tuple(
             n
             for n in settings.privacy.cookie_allowlist
@@ -150,14 +151,17 @@ class Pixel:
         cookie = ua = referer = xff = forwarded = ""
         gpc = False
         for key, value in scope["headers"]:
+            # httptools accepts megabyte headers and any number of them: every value is
+            # capped here, before it can sit in the write queue (queue_size x hit size).
             if key == b"cookie":
-                cookie = (
-                    f"{cookie}; {value.decode('latin-1')}" if cookie else value.decode("latin-1")
-                )
+                if not cookie:
+                    cookie = value[:_MAX_COOKIE_HEADER].decode("latin-1")
+                elif len(cookie) < _MAX_COOKIE_HEADER:
+                    cookie = f"{cookie}; {value[:_MAX_COOKIE_HEADER].decode('latin-1')}"
             elif key == b"user-agent":
-                ua = value.decode("latin-1")
+                ua = value[: self.max_ua].decode("latin-1")
             elif key == b"referer":
-                referer = value.decode("latin-1")
+                referer = value[:_MAX_PARAM].decode("latin-1")
             elif key == b"x-forwarded-for":
                 xff = value.decode("latin-1")
             elif key == b"forwarded":
