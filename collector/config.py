@@ -91,6 +91,16 @@ class PrivacySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RetentionSettings:
+    # 5.1: raw hits live at most this many days; 0 means consent.period_days.
+    days: int = 0
+    mode: Literal["delete", "depersonalise"] = "delete"
+    # How often a running server applies retention; 0 leaves it to `collector purge`.
+    interval_minutes: float = 60.0
+    chunk_size: int = 5000
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -98,6 +108,7 @@ class Settings:
     visitor: VisitorSettings = field(default_factory=VisitorSettings)
     geoip: GeoipSettings = field(default_factory=GeoipSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     # Where the settings came from, for the start-up log line; not a config key.
     source: str = field(default="defaults", compare=False)
 
@@ -251,6 +262,11 @@ def _validate(s: Settings) -> None:
     if s.privacy.max_url_length < 64:
         raise ConfigError("privacy.max_url_length: must be at least 64")
     positive("privacy.max_user_agent_length", s.privacy.max_user_agent_length)
+    if s.retention.days < 0:
+        raise ConfigError("retention.days: must not be negative (0 = consent.period_days)")
+    if s.retention.interval_minutes < 0:
+        raise ConfigError("retention.interval_minutes: must not be negative (0 = off)")
+    positive("retention.chunk_size", s.retention.chunk_size)
 
 
 def resolve_secret(settings: Settings) -> Settings:
