@@ -1,0 +1,357 @@
+"""Personal-data governance through the real app: access rules (5.5), blocking (6.2.4),
+subject export and erasure, breach report (5.4), retention (5.1)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from collector.app import CollectorApp, create_app
+from collector.config import Settings
+from collector.storage.base import Batch, HitRow, Transaction
+from collector.visibility import VISIBLE
+from tests.conftest import client_for, consent_value, make_settings
+
+DAY = 86_400_000
+ALICE = "a" * 32
+BOB = "b" * 32
+NOW = int(time.time() * 1000)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+def hit_row(
+    ts_ms: int, visitor: str = ALICE, ip: str = "81.2.69.142", consent: str = "c-1"
+) -> HitRow:
+    return HitRow(
+        ts_ms, ip, visitor, "s" * 32, '{"cart":"7"}', "Mozilla/5.0 (iPhone)", "Mobile Safari",
+        "14.0", "iOS", "14.0", "iPhone", "Apple", "mobile", "https://s.kz/a", None, None,
+        "GB", "ENG", "London", consent, "1", "web",
+    )  # fmt: skip
+
+
+async def store(app: CollectorApp, *hits: HitRow) -> None:
+    await app.storage.write_batch(Batch(hits=hits))
+
+
+async def count(app: CollectorApp, sql: str, params: list[Any] | None = None) -> int:
+    row = await app.storage.fetch_one(sql, params or [])
+    assert row is not None
+    return int(next(iter(row.values())))
+
+
+class DailyRollup:
+    """A stand-in for the stats rollups: a real table, rebuilt from visible hits through
+    the ``aggregates.rebuilders`` contract, with every call remembered."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    async def __call__(self, tx: Transaction, lo: int, hi: int) -> None:
+        self.calls.append((lo, hi))
+        first, last = lo // DAY, (hi - 1) // DAY
+        await tx.execute("DELETE FROM daily WHERE day BETWEEN ? AND ?", [first, last])
+        await tx.execute(
+            "INSERT INTO daily (day, hits) SELECT ts_ms / 86400000, count(*) FROM hits "
+            f"WHERE ts_ms >= ? AND ts_ms < ? AND {VISIBLE} GROUP BY ts_ms / 86400000",
+            [first * DAY, (last + 1) * DAY],
+        )
+
+    @staticmethod
+    async def total(app: CollectorApp) -> int:
+        return await count(app, "SELECT coalesce(sum(hits), 0) AS n FROM daily")
+
+
+@pytest.fixture
+async def rollup(app: CollectorApp) -> DailyRollup:
+    await app.storage.execute("CREATE TABLE daily (day INTEGER PRIMARY KEY, hits INTEGER)")
+    found = DailyRollup()
+    app.governance.rebuilders.append(found)
+    app.governance.settle_s = 0.05
+    return found
+
+
+@pytest.fixture
+async def tokens(app: CollectorApp) -> dict[str, str]:
+    return {role: await app.tokens.create(role, role) for role in ("analyst", "engineer", "admin")}
+
+
+ADMIN_ROUTES = [
+    ("GET", "/api/admin/blocks", None),
+    ("POST", "/api/admin/blocks", {"visitor": ALICE, "reason": "x"}),
+    ("DELETE", "/api/admin/blocks/1", None),
+    ("GET", f"/api/admin/subjects?visitor={ALICE}", None),
+    ("GET", "/api/admin/subjects?ip=81.2.69.142", None),
+    ("POST", "/api/admin/subjects/erase", {"visitor": ALICE}),
+    ("GET", "/api/admin/incident?from=2020-01-01&to=2030-01-01", None),
+    ("GET", "/api/admin/retention", None),
+    ("POST", "/api/admin/retention/run", None),
+    ("GET", "/api/audit", None),
+]
+
+
+@pytest.mark.parametrize("role", ["analyst", "engineer"])
+async def test_hit_and_ip_level_governance_routes_are_admin_only(
+    app: CollectorApp, client: httpx.AsyncClient, tokens: dict[str, str], role: str
+) -> None:
+    await store(app, hit_row(NOW))
+    for method, url, body in ADMIN_ROUTES:
+        resp = await client.request(method, url, json=body, headers=bearer(tokens[role]))
+        assert resp.status_code == 403, (method, url)
+        assert resp.json()["error"] == "forbidden"
+    assert await count(app, "SELECT count(*) AS n FROM hits") == 1  # nothing was erased
+    assert await count(app, "SELECT count(*) AS n FROM blocks") == 0
+    denied = await app.audit.entries(limit=1000)
+    assert sum(e["outcome"] == "403" for e in denied) == len(ADMIN_ROUTES)
+
+
+async def test_blocked_visitor_is_no_longer_recorded_and_vanishes_from_stats(
+    app: CollectorApp, client: httpx.AsyncClient, tokens: dict[str, str], rollup: DailyRollup
+) -> None:
+    consent = consent_value(app)
+    alice = {"cookie": f"kdv_consent={consent}; kdv_vid={ALICE}"}
+    bob = {"cookie": f"kdv_consent={consent}; kdv_vid={BOB}"}
+    await client.get("/p.gif", headers=alice)
+    await client.get("/p.gif", headers=bob)
+    await store(app, hit_row(NOW - 3 * DAY))
+    await app.writer.flush()
+    async with app.storage.transaction() as tx:
+        await rollup(tx, NOW - 5 * DAY, NOW + DAY)
+    assert await DailyRollup.total(app) == 3
+
+    admin = bearer(tokens["admin"])
+    made = await client.post(
+        "/api/admin/blocks", json={"visitor": ALICE, "reason": "request #17"}, headers=admin
+    )
+    assert made.status_code == 201, made.text
+    block = made.json()
+    assert block["kind"] == "visitor" and block["created_by"] == "admin"
+    assert (NOW - 3 * DAY, block["span_ms"][1]) in rollup.calls
+    # Old hits: out of the rollup and hidden by the shared view condition.
+    assert await DailyRollup.total(app) == 1
+    assert await count(app, f"SELECT count(*) AS n FROM hits WHERE {VISIBLE}") == 1
+    # New hits: not recorded at all, queued ones included; counted as dropped.
+    for _ in range(3):
+        await client.get("/p.gif", headers=alice)
+    await client.get("/p.gif", headers=bob)
+    await app.writer.flush()
+    assert await count(app, "SELECT count(*) AS n FROM hits WHERE visitor_id = ?", [ALICE]) == 2
+    assert await count(app, "SELECT count(*) AS n FROM hits WHERE visitor_id = ?", [BOB]) == 2
+    metrics = (await client.get("/metrics")).text
+    assert 'collector_hits_dropped_total{reason="blocked"} 3.0' in metrics
+    # The admin still sees everything.
+    listed = (await client.get("/api/admin/blocks", headers=admin)).json()
+    assert [b["value"] for b in listed["items"]] == [ALICE]
+    again = await client.post(
+        "/api/admin/blocks", json={"visitor": ALICE, "reason": "twice"}, headers=admin
+    )
+    assert again.status_code == 400 and "blocked already" in again.json()["detail"]
+
+    released = await client.delete(f"/api/admin/blocks/{block['id']}", headers=admin)
+    assert released.status_code == 200 and released.json()["released_by"] == "admin"
+    assert await DailyRollup.total(app) == 4  # Alice's two hits are back, beside Bob's two
+    await client.get("/p.gif", headers=alice)
+    await app.writer.flush()
+    assert await count(app, "SELECT count(*) AS n FROM hits WHERE visitor_id = ?", [ALICE]) == 3
+
+    audit = await app.audit.entries(limit=100)
+    by_action = {e["action"]: e for e in audit}
+    assert by_action["block.add"]["subject"] == ALICE
+    assert json.loads(by_action["block.add"]["detail"])["kind"] == "visitor"
+    assert by_action["block.release"]["subject"] == ALICE
+    assert (await app.audit.verify()).ok
+
+
+async def test_ip_block_drops_hits_from_that_address_only(
+    app: CollectorApp, tokens: dict[str, str]
+) -> None:
+    consent = consent_value(app)
+    blocked, other = client_for(app, "2.125.160.216"), client_for(app, "81.2.69.142")
+    async with blocked, other:
+        made = await other.post(
+            "/api/admin/blocks",
+            json={"ip": "::ffff:2.125.160.216", "reason": "authority request"},
+            headers=bearer(tokens["admin"]),
+        )
+        assert made.json()["value"] == "2.125.160.216"  # stored in the canonical form
+        for c in (blocked, other):
+            await c.get("/p.gif", headers={"cookie": f"kdv_consent={consent}"})
+    await app.writer.flush()
+    ips = await app.storage.fetch_all("SELECT ip FROM hits")
+    assert ips == [{"ip": "81.2.69.142"}]
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"reason": "x"}, "exactly one subject"),
+        ({"visitor": ALICE, "ip": "1.2.3.4", "reason": "x"}, "exactly one subject"),
+        ({"ip": "1.2.3.999", "reason": "x"}, "ip: not an IP address"),
+        ({"visitor": "a b", "reason": "x"}, "visitor: not a visitor id"),
+        ({"visitor": ALICE}, "reason: required"),
+        ({"visitor": ALICE, "reason": "  "}, "reason: say why"),
+    ],
+)
+async def test_bad_block_requests_say_what_is_wrong(
+    client: httpx.AsyncClient, tokens: dict[str, str], body: dict[str, str], message: str
+) -> None:
+    resp = await client.post("/api/admin/blocks", json=body, headers=bearer(tokens["admin"]))
+    assert resp.status_code == 400 and message in resp.json()["detail"]
+
+
+async def _consent_table(app: CollectorApp) -> None:
+    # The consent feature's table (another branch); only the columns erasure relies on.
+    await app.storage.execute(
+        "CREATE TABLE consent_records (id INTEGER PRIMARY KEY, consent_id TEXT, "
+        "visitor_id TEXT, ip TEXT, purposes INTEGER, policy_version TEXT, created_at INTEGER)"
+    )
+    await app.storage.execute(
+        "INSERT INTO consent_records (consent_id, visitor_id, ip, purposes, policy_version, "
+        "created_at) VALUES ('c-1', ?, '81.2.69.142', 3, '1', ?), ('c-9', ?, '1.1.1.1', 1, '1', ?)",
+        [ALICE, NOW, BOB, NOW],
+    )
+
+
+async def test_subject_export_holds_everything_about_the_visitor(
+    app: CollectorApp, client: httpx.AsyncClient, tokens: dict[str, str]
+) -> None:
+    await _consent_table(app)
+    await store(app, hit_row(NOW - DAY), hit_row(NOW), hit_row(NOW, visitor=BOB, consent="c-9"))
+    admin = bearer(tokens["admin"])
+    await client.post("/api/admin/blocks", json={"visitor": ALICE, "reason": "r"}, headers=admin)
+    data = (await client.get(f"/api/admin/subjects?visitor={ALICE}", headers=admin)).json()
+    assert data["subject"] == {"kind": "visitor", "value": ALICE}
+    assert [h["ts_ms"] for h in data["hits"]] == [NOW - DAY, NOW]  # blocked rows too
+    assert data["hits"][0]["user_agent"] == "Mozilla/5.0 (iPhone)"
+    assert [r["consent_id"] for r in data["consent_records"]] == ["c-1"]
+    assert [b["reason"] for b in data["blocks"]] == ["r"]
+    by_ip = (await client.get("/api/admin/subjects?ip=81.2.69.142", headers=admin)).json()
+    assert len(by_ip["hits"]) == 3
+    (entry,) = await app.audit.entries(action="subject.export", subject=ALICE)
+    assert json.loads(entry["detail"])["hits"] == 2 and entry["outcome"] == "200"
+
+
+async def test_erasure_deletes_hits_and_pseudonymises_consent_records(
+    app: CollectorApp, client: httpx.AsyncClient, tokens: dict[str, str], rollup: DailyRollup
+) -> None:
+    await _consent_table(app)
+    await store(app, hit_row(NOW - 2 * DAY), hit_row(NOW), hit_row(NOW, visitor=BOB))
+    async with app.storage.transaction() as tx:
+        await rollup(tx, NOW - 5 * DAY, NOW + DAY)
+    resp = await client.post(
+        "/api/admin/subjects/erase", json={"visitor": ALICE}, headers=bearer(tokens["admin"])
+    )
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["hits"] == 2 and resp.json()["consent_records_pseudonymised"] == 1
+    assert await app.storage.fetch_all("SELECT visitor_id FROM hits") == [{"visitor_id": BOB}]
+    assert rollup.calls[-1] == (NOW - 2 * DAY, NOW + 1)
+    assert await DailyRollup.total(app) == 1
+    records = await app.storage.fetch_all(
+        "SELECT consent_id, visitor_id, ip, purposes FROM consent_records ORDER BY id"
+    )
+    kept, untouched = records
+    # The proof of consent stays; the link to the person does not.
+    assert kept["consent_id"] == "c-1" and kept["purposes"] == 3
+    assert kept["visitor_id"].startswith("erased-") and ALICE not in kept["visitor_id"]
+    assert kept["ip"].startswith("erased-")
+    assert untouched["visitor_id"] == BOB
+    (entry,) = await app.audit.entries(action="subject.erase")
+    assert entry["subject"] == ALICE and json.loads(entry["detail"])["hits"] == 2
+
+
+async def test_breach_report_lists_the_visitors_to_inform(
+    app: CollectorApp, client: httpx.AsyncClient, tokens: dict[str, str]
+) -> None:
+    t = 1_700_000_000_000  # 2023-11-14T22:13:20Z
+    await store(
+        app,
+        hit_row(t, ALICE, "81.2.69.142", "c-1"),
+        hit_row(t + 1000, ALICE, "81.2.69.143", "c-2"),
+        hit_row(t, BOB, "10.0.0.1", "c-9"),
+        hit_row(t + 10 * DAY, "c" * 32, "81.2.69.1", "c-5"),  # outside the window
+    )
+    admin = bearer(tokens["admin"])
+    url = "/api/admin/incident?from=2023-11-14&to=2023-11-15"
+    report = (await client.get(url, headers=admin)).json()
+    assert [s["visitor_id"] for s in report["subjects"]] == [ALICE, BOB]
+    assert report["consent_ids"] == ["c-1", "c-2", "c-9"]
+    assert report["subjects"][0]["ips"] == ["81.2.69.142", "81.2.69.143"]
+    ranged = (await client.get(url + "&ip_range=81.2.69.0/24", headers=admin)).json()
+    assert [s["visitor_id"] for s in ranged["subjects"]] == [ALICE] and ranged["hits"] == 2
+    bad = await client.get(url + "&ip_range=nonsense", headers=admin)
+    assert bad.status_code == 400 and "ip-range" in bad.json()["detail"]
+    entries = await app.audit.entries(action="incident.report")
+    assert [e["outcome"] for e in entries] == ["400", "200", "200"]
+    assert json.loads(entries[1]["detail"])["ip_range"] == "81.2.69.0/24"
+
+
+async def test_retention_deletes_old_hits_and_keeps_aggregates(
+    app: CollectorApp, client: httpx.AsyncClient, tokens: dict[str, str], rollup: DailyRollup
+) -> None:
+    await store(app, *(hit_row(NOW - 400 * DAY - i) for i in range(7)), hit_row(NOW - DAY))
+    await client.get("/p.gif")  # one anonymous counter row
+    await app.writer.flush()
+    async with app.storage.transaction() as tx:
+        await rollup(tx, NOW - 500 * DAY, NOW + DAY)
+    counts_before = await app.storage.fetch_all("SELECT * FROM pixel_counts")
+    admin = bearer(tokens["admin"])
+    plan = (await client.get("/api/admin/retention", headers=admin)).json()
+    assert plan["days"] == 365 and plan["pending"] == 7  # default: consent.period_days
+    done = await client.post("/api/admin/retention/run", headers=admin)
+    assert done.json() == {"rows": 7}
+    assert await count(app, "SELECT count(*) AS n FROM hits") == 1
+    assert await DailyRollup.total(app) == 8  # rollups stay
+    assert await app.storage.fetch_all("SELECT * FROM pixel_counts") == counts_before
+    (run,) = await app.audit.entries(action="retention.run")
+    assert run["actor"] == "system" and json.loads(run["detail"])["rows"] == 7
+
+
+async def test_depersonalising_retention_keeps_coarse_rows(settings: Settings) -> None:
+    settings = dataclasses.replace(
+        settings,
+        retention=dataclasses.replace(
+            settings.retention, days=30, mode="depersonalise", chunk_size=2
+        ),
+    )
+    app = create_app(settings)
+    async with app.lifespan(app.starlette):
+        await store(
+            app,
+            hit_row(NOW - 40 * DAY, ip="81.2.69.142"),
+            hit_row(NOW - 40 * DAY, ip="2001:db8:1:2::7"),
+            hit_row(NOW - 31 * DAY, ip="10.1.2.3"),
+            hit_row(NOW - DAY),
+        )
+        assert await app.governance.apply_retention() == 3
+        assert await app.governance.apply_retention() == 0  # done once, not again
+        old = await app.storage.fetch_all(
+            "SELECT ip, visitor_id, session_id, consent_id, user_agent, cookies, browser_family, "
+            "city FROM hits WHERE ts_ms < ? ORDER BY ip",
+            [NOW - 30 * DAY],
+        )
+    assert [r["ip"] for r in old] == ["10.1.2.0", "2001:db8:1::", "81.2.69.0"]
+    for r in old:
+        assert r["visitor_id"] == r["session_id"] == r["consent_id"] == r["user_agent"] == ""
+        assert r["cookies"] is None
+        assert r["browser_family"] == "Mobile Safari" and r["city"] == "London"
+
+
+async def test_server_applies_retention_periodically(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, retention={"interval_minutes": 0.001})
+    app = create_app(settings)
+    async with app.lifespan(app.starlette):
+        await store(app, hit_row(NOW - 400 * DAY))
+        deadline = time.monotonic() + 5
+        while await count(app, "SELECT count(*) AS n FROM hits") and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert await count(app, "SELECT count(*) AS n FROM hits") == 0
+        assert await app.audit.entries(action="retention.run")
