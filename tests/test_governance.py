@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -355,3 +357,29 @@ async def test_server_applies_retention_periodically(tmp_path: Path) -> None:
             await asyncio.sleep(0.02)
         assert await count(app, "SELECT count(*) AS n FROM hits") == 0
         assert await app.audit.entries(action="retention.run")
+
+
+async def test_secrets_and_tokens_never_reach_logs_and_private_files_are_0600(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    # No configured secret: one is generated into a 0600 file beside the database.
+    settings = make_settings(tmp_path, consent={"secret": ""})
+    app = create_app(settings)
+    generated = app.settings.consent.secret
+    async with app.lifespan(app.starlette), client_for(app) as client:
+        token = await app.tokens.create("root", "admin")
+        for body in ({"ip": "1.2.3.4", "reason": "r"}, {"visitor": ALICE, "reason": "r"}):
+            made = await client.post("/api/admin/blocks", json=body, headers=bearer(token))
+            assert made.status_code == 201
+        await client.get("/api/audit", headers=bearer("kdv_guessed-token"))
+        await client.get("/p.gif", headers={"cookie": f"kdv_consent={consent_value(app)}"})
+        await app.writer.flush()
+        for name in ("collector.db", "collector.db-wal", "collector.db-shm",
+                     "collector.db.secret", "collector.db.lock"):  # fmt: skip
+            assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+        details = " ".join(e["detail"] or "" for e in await app.audit.entries(limit=1000))
+    assert (tmp_path / "collector.db.secret").read_text().strip() == generated
+    for text in (caplog.text, details):
+        assert generated not in text and token not in text and "kdv_guessed" not in text
+    assert '"secret": "***"' in details  # the start record shows the config, redacted
