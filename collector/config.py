@@ -97,7 +97,7 @@ class RetentionSettings:
     mode: Literal["delete", "depersonalise"] = "delete"
     # How often a running server applies retention; 0 leaves it to `collector purge`.
     interval_minutes: float = 60.0
-    chunk_size: int = 5000
+    chunk_size: int = 1000
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,9 +15,11 @@ from typing import Any
 import httpx
 import pytest
 
+from collector import retention
 from collector.app import CollectorApp, create_app
 from collector.config import Settings
 from collector.storage.base import Batch, HitRow, Transaction
+from collector.storage.sqlite import SQLiteStorage
 from collector.visibility import VISIBLE
 from tests.conftest import client_for, consent_value, make_settings
 
@@ -383,3 +385,40 @@ async def test_secrets_and_tokens_never_reach_logs_and_private_files_are_0600(
     for text in (caplog.text, details):
         assert generated not in text and token not in text and "kdv_guessed" not in text
     assert '"secret": "***"' in details  # the start record shows the config, redacted
+
+
+async def test_purge_works_in_short_chunks_and_reports_progress(app: CollectorApp) -> None:
+    await store(app, *(hit_row(NOW - 400 * DAY + i) for i in range(7)), hit_row(NOW))
+    plan = await retention.plan(app.storage, app.settings)
+    steps: list[int] = []
+    assert await retention.purge(app.storage, plan, 3, steps.append) == 7
+    assert steps == [3, 3, 1]
+    assert await count(app, "SELECT count(*) AS n FROM hits") == 1
+
+
+class PartitionedSQLite(SQLiteStorage):
+    """A backend with the partition hook, as PostgreSQL has: whole days go at once."""
+
+    dropped: list[int]
+
+    async def drop_hits_before(self, cutoff_ms: int) -> int:
+        self.dropped = [cutoff_ms]
+        whole_days = cutoff_ms // DAY * DAY
+        return await self.execute("DELETE FROM hits WHERE ts_ms < ?", [whole_days])
+
+
+async def test_purge_lets_a_partitioned_backend_drop_whole_days_first(settings: Settings) -> None:
+    storage = PartitionedSQLite(settings)
+    await storage.open()
+    try:
+        cutoff = (NOW // DAY - 10) * DAY + DAY // 2  # the middle of a day
+        await storage.write_batch(
+            Batch(hits=[hit_row(cutoff - 3 * DAY), hit_row(cutoff - 1), hit_row(cutoff)])
+        )
+        plan = retention.Plan(cutoff, 10, "delete", 2)
+        steps: list[int] = []
+        assert await retention.purge(storage, plan, 100, steps.append) == 2
+        assert storage.dropped == [cutoff] and steps == [1, 1]  # a partition, then the rest
+        assert await storage.fetch_all("SELECT ts_ms FROM hits") == [{"ts_ms": cutoff}]
+    finally:
+        await storage.close()
