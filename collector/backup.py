@@ -107,6 +107,15 @@ class Copied:
 
 def _copy(src: Path, dest: Path) -> None:
     """One-step online backup of ``src`` into a fresh 0600 file ``dest``."""
+    try:
+        _copy_unchecked(src, dest)
+    except OSError as exc:
+        raise InputError(f"cannot write {dest}: {exc.strerror or exc}") from None
+    except sqlite3.Error as exc:
+        raise StorageError(f"copying {src} to {dest} failed: {exc}") from None
+
+
+def _copy_unchecked(src: Path, dest: Path) -> None:
     dest.unlink(missing_ok=True)
     create_private_file(dest)
     source = sqlite3.connect(src)
