@@ -16,7 +16,7 @@ import logging
 import random
 from pathlib import Path
 
-from collector import retention
+from collector import blocking, retention
 from collector.aggregates import rebuilders
 from collector.audit import AuditLog
 from collector.backup import DatabaseLock
@@ -25,6 +25,7 @@ from collector.config import Settings
 from collector.errors import CollectorError
 from collector.metrics import Metrics
 from collector.storage.base import Storage
+from collector.subjects import Subject
 from collector.writer import BatchWriter
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class Governance:
             else None
         )
         self._retention: asyncio.Task[None] | None = None
+        self._settling: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         if self.lock is not None:
@@ -64,10 +66,20 @@ class Governance:
                 self._retain_every(minutes * 60), name="collector-retention"
             )
 
+    def settle_later(self, subject: Subject, since_ms: int) -> None:
+        """After a block, rebuild rollups again once every process has seen it."""
+        task = asyncio.create_task(
+            blocking.settle(self.storage, subject, since_ms, self.settle_s, self.rebuilders)
+        )
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
     async def stop(self) -> None:
-        task, self._retention = self._retention, None
-        if task is not None:
+        tasks = [t for t in (self._retention, *self._settling) if t is not None]
+        self._retention = None
+        for task in tasks:
             task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.blocklist.stop()

@@ -2,9 +2,10 @@
 
 A subject is a visitor id (our first-party cookie) or an IP address (both personal data,
 1.1.2). ``export`` gathers every row that names the subject as JSON; ``erase`` deletes
-hits and per-IP rows and pseudonymises consent records — the proof that consent was
-given stays, the link to the person goes — then rebuilds the rollups for the span the
-deleted hits covered, all in one transaction.
+hits and per-IP rows and pseudonymises consent records and released blocks — the proof
+that consent was given stays, the link to the person goes — then rebuilds the rollups for
+the span the deleted hits covered, all in one transaction. The audit trail keeps naming
+the subject: it is the legal record of the processing (5.5) and append-only.
 """
 
 from __future__ import annotations
@@ -123,6 +124,12 @@ async def export(storage: Storage, subject: Subject) -> dict[str, Any]:
         "consent_records": await _consent_records(
             storage, await table_columns(storage, "consent_records"), subject, consent_ids
         ),
+        # Who processed the subject's data, and how (5.5): part of what they may ask for.
+        "audit": await storage.fetch_all(
+            "SELECT id, ts_ms, actor, role, action, outcome FROM audit_log "
+            "WHERE subject = ? ORDER BY id",
+            [subject.value],
+        ),
     }
     for table in personal_tables():
         column = table.column_for(subject)
@@ -208,6 +215,11 @@ async def erase(
             t.name: await tx.execute(f"DELETE FROM {t.name} WHERE {col} = ?", [subject.value])
             for t, col in tables
         }
+        # Released blocks are history; active ones must keep naming the subject to work.
+        counts["blocks"] = await tx.execute(
+            "UPDATE blocks SET value = ? WHERE kind = ? AND value = ? AND released_at IS NOT NULL",
+            [pseudonym(secret, subject.value), subject.kind, subject.value],
+        )
         records = 0
         if consent_cols:
             records = await _pseudonymise(tx, consent_cols, subject, consent_ids, secret)

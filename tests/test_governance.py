@@ -239,6 +239,7 @@ async def test_subject_export_holds_everything_about_the_visitor(
     assert data["hits"][0]["user_agent"] == "Mozilla/5.0 (iPhone)"
     assert [r["consent_id"] for r in data["consent_records"]] == ["c-1"]
     assert [b["reason"] for b in data["blocks"]] == ["r"]
+    assert [a["action"] for a in data["audit"]] == ["block.add"]  # who processed it
     by_ip = (await client.get("/api/admin/subjects?ip=81.2.69.142", headers=admin)).json()
     assert len(by_ip["hits"]) == 3
     (entry,) = await app.audit.entries(action="subject.export", subject=ALICE)
@@ -252,9 +253,14 @@ async def test_erasure_deletes_hits_and_pseudonymises_consent_records(
     await store(app, hit_row(NOW - 2 * DAY), hit_row(NOW), hit_row(NOW, visitor=BOB))
     async with app.storage.transaction() as tx:
         await rollup(tx, NOW - 5 * DAY, NOW + DAY)
-    resp = await client.post(
-        "/api/admin/subjects/erase", json={"visitor": ALICE}, headers=bearer(tokens["admin"])
-    )
+    admin = bearer(tokens["admin"])
+    for release in (True, False):  # an old, released block, and an active one
+        made = await client.post(
+            "/api/admin/blocks", json={"visitor": ALICE, "reason": "check"}, headers=admin
+        )
+        if release:
+            await client.delete(f"/api/admin/blocks/{made.json()['id']}", headers=admin)
+    resp = await client.post("/api/admin/subjects/erase", json={"visitor": ALICE}, headers=admin)
     assert resp.status_code == 200, resp.text
     assert resp.json()["hits"] == 2 and resp.json()["consent_records_pseudonymised"] == 1
     assert await app.storage.fetch_all("SELECT visitor_id FROM hits") == [{"visitor_id": BOB}]
@@ -269,6 +275,9 @@ async def test_erasure_deletes_hits_and_pseudonymises_consent_records(
     assert kept["visitor_id"].startswith("erased-") and ALICE not in kept["visitor_id"]
     assert kept["ip"].startswith("erased-")
     assert untouched["visitor_id"] == BOB
+    blocks = await app.storage.fetch_all("SELECT value, released_at FROM blocks ORDER BY id")
+    assert blocks[0]["value"] == kept["visitor_id"]  # released: history, pseudonymised
+    assert blocks[1] == {"value": ALICE, "released_at": None}  # active: still blocks
     (entry,) = await app.audit.entries(action="subject.erase")
     assert entry["subject"] == ALICE and json.loads(entry["detail"])["hits"] == 2
 

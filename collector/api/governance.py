@@ -3,7 +3,6 @@ retention. Admin only (5.5 access rules); every call is audited with its subject
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from typing import TYPE_CHECKING, Any
@@ -45,7 +44,6 @@ def _subject(request: Request, source: dict[str, Any]) -> Subject:
 def governance_routes(app: CollectorApp) -> list[Route]:
     guard = app.guard
     gov = app.governance
-    settling: set[asyncio.Task[None]] = set()
 
     @guard.route("admin", action="block.list")
     async def list_blocks(request: Request, who: Principal) -> Response:
@@ -62,11 +60,7 @@ def governance_routes(app: CollectorApp) -> list[Route]:
         since = int(time.time() * 1000)
         row = await blocking.add(app.storage, subject, reason, who.name, gov.rebuilders)
         await gov.blocklist.refresh()  # this process stops recording at once
-        task = asyncio.create_task(
-            blocking.settle(app.storage, subject, since, gov.settle_s, gov.rebuilders)
-        )
-        settling.add(task)
-        task.add_done_callback(settling.discard)
+        gov.settle_later(subject, since)
         return JSONResponse(row, status_code=201)
 
     @guard.route("admin", action="block.release", personal=True)
