@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install run test lint bench system-deps clean
+.PHONY: install run demo test lint bench system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ install: $(STAMP)
 
 run: install
 	$(VENV)/bin/collector serve $(if $(CONFIG),--config $(CONFIG))
+
+# The demo store with banner and pixels on http://127.0.0.1:8000/demo/ (plain http, so the
+# cookies drop their Secure attribute).
+demo: install
+	COLLECTOR_VISITOR_SECURE=false $(VENV)/bin/collector serve --demo $(if $(CONFIG),--config $(CONFIG))
 
 lint: install
 	$(PY) -m ruff check collector tests bench

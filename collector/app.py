@@ -19,15 +19,21 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from collector.aggregates import aggregators
 from collector.api.admin import admin_routes
+from collector.api.consent import consent_routes
 from collector.api.governance import governance_routes
+from collector.api.ip import ip_routes
 from collector.audit import AuditLog
 from collector.auth import ApiGuard, TokenStore
+from collector.collect import collect_routes
 from collector.config import Settings, load_settings, resolve_secret
 from collector.consent import ConsentCodec
+from collector.consent_api import ConsentApi
+from collector.consent_records import ConsentRecords
 from collector.enrich import Enricher
 from collector.errors import CollectorError
 from collector.geo import GeoIP
@@ -65,6 +71,9 @@ class CollectorApp:
             metrics=self.metrics,
         )
         self._geo_checked = 0.0
+        spool_depth = getattr(self.storage, "spool_depth", None)
+        if spool_depth is not None:
+            self.metrics.spool_hits.set_function(spool_depth)
         self.writer.housekeeping.append(self._reload_geoip)
         self.pixel = Pixel(settings, self.codec, self.writer, self.metrics)
         self.audit = AuditLog(self.storage, settings.consent.secret)
@@ -82,6 +91,9 @@ class CollectorApp:
                 Route("/metrics", self.prometheus, methods=["GET"]),
                 *admin_routes(self),
                 *governance_routes(self),
+                *self._consent_routes(),
+                *ip_routes(self),
+                *collect_routes(self),
             ],
             exception_handlers={
                 CollectorError: _collector_error,
@@ -136,6 +148,24 @@ class CollectorApp:
             request.headers.get("forwarded"),
         )
 
+    def _consent_routes(self) -> list[BaseRoute]:
+        """/consent, its admin API, the static scripts, and the demo store when enabled."""
+        consent = self.settings.consent
+        pepper = consent.ip_pepper.encode() or self.codec.derive_key("consent-ip-hash")
+        self.consent_records = ConsentRecords(self.storage, pepper)
+        api = ConsentApi(
+            self.settings, self.codec, self.pixel.consent, self.consent_records, self.client_ip
+        )
+        routes: list[BaseRoute] = [
+            *api.routes(),
+            *consent_routes(self),
+            Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+        ]
+        if self.settings.server.demo:
+            demo = StaticFiles(directory=STATIC_DIR / "demo", html=True)
+            routes.append(Mount("/demo", demo, name="demo"))
+        return routes
+
     def _reload_geoip(self) -> None:
         now = time.monotonic()
         if now - self._geo_checked >= _GEO_RELOAD_S:
@@ -152,6 +182,14 @@ class CollectorApp:
             "queue_depth": self.writer.depth(),
             "geoip": self.geoip.enabled,
         }
+        spool_status = getattr(self.storage, "spool_status", None)
+        if spool_status is not None:
+            body["spool"] = spool_status()
+            if not database and self.writer.healthy:
+                # Hits are kept in the local spool: this node still serves the pixel, so
+                # it stays in the load balancer (200), but says it is degraded.
+                body["status"] = "degraded"
+                return JSONResponse(body, status_code=200)
         return JSONResponse(body, status_code=200 if healthy else 503)
 
     async def prometheus(self, request: Request) -> Response:

@@ -68,9 +68,16 @@ def main() -> None:
 @click.option("--host", help="Bind address (server.host).")
 @click.option("--port", type=int, help="Port (server.port).")
 @click.option("--workers", type=int, help="Worker processes (server.workers).")
-def serve(settings: Settings, host: str | None, port: int | None, workers: int | None) -> None:
+@click.option("--demo", is_flag=True, help="Serve the demo store at /demo/ (server.demo).")
+def serve(
+    settings: Settings, host: str | None, port: int | None, workers: int | None, demo: bool
+) -> None:
     """Run the collector with uvicorn (uvloop, httptools)."""
     import uvicorn
+
+    if demo:
+        # Workers rebuild their settings from the environment.
+        os.environ["COLLECTOR_SERVER_DEMO"] = "true"
 
     from collector.logs import configure_logging
 
@@ -274,10 +281,120 @@ def audit_verify(settings: Settings) -> None:
     sys.exit(1)
 
 
+@main.command("ip")
+@with_settings
+@click.argument("address", required=False)
+@click.option("--top", "top_n", type=click.IntRange(1, 10_000), help="The N most suspicious.")
+@click.option("--date", help="UTC day YYYY-MM-DD (default: latest with data / today).")
+@click.option("--kind", type=click.Choice(["ip", "network"]), default="ip", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "csv"]), default="text")
+def ip_command(
+    settings: Settings,
+    address: str | None,
+    top_n: int | None,
+    date: str | None,
+    kind: str,
+    fmt: str,
+) -> None:
+    """IP statistics for fraud control and support (3.3.2): one IP, or --top N.
+
+    Audited as the CLI user with the IP looked up (5.5), like the engineer API.
+    """
+    import json
+
+    from collector import ipreport
+    from collector.api.ip import DAY_COLUMNS, TOP_COLUMNS, to_csv
+    from collector.enrich import normalize_ip
+    from collector.geo import GeoIP
+
+    if (address is None) == (top_n is None):
+        raise click.UsageError("give an IP address or --top N")
+
+    async def job(ctx: CliContext) -> dict[str, Any]:
+        geoip = GeoIP(ctx.settings.geoip)
+        geoip.open()
+        try:
+            if address is not None:
+                subject = normalize_ip(address) or address
+                async with ctx.audited("ip.lookup", subject):
+                    return await ipreport.lookup(
+                        ctx.storage,
+                        geoip,
+                        ctx.settings.fraud,
+                        address,
+                        date=ipreport.parse_date(date),
+                        include_blocked=False,
+                    )
+            day = ipreport.parse_date(date)
+            async with ctx.audited("ip.top", f"top:{kind}:{day or ipreport.today()}"):
+                return await ipreport.top(
+                    ctx.storage,
+                    geoip,
+                    ctx.settings.fraud,
+                    date=day,
+                    kind="ip" if kind == "ip" else "network",
+                    limit=top_n or 20,
+                )
+        finally:
+            geoip.close()
+
+    report = run_with_storage(settings, job)
+    if fmt == "json":
+        click.echo(json.dumps(report, indent=2, ensure_ascii=False))
+    elif fmt == "csv":
+        rows, columns = (report["days"], DAY_COLUMNS) if address else (report["items"], TOP_COLUMNS)
+        click.echo(to_csv(rows, columns), nl=False)
+    elif address:
+        click.echo(ipreport.render_lookup(report))
+    else:
+        click.echo(ipreport.render_top(report))
+
+
 def _when(ts_ms: int | None) -> str:
     if ts_ms is None:
         return "-"
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts_ms / 1000))
+
+
+@main.group()
+def consent() -> None:
+    """Proof of consent: the stored consent records."""
+
+
+@consent.command("show")
+@with_settings
+@click.argument("consent_id")
+@click.option("--ip", help="Also say whether the decisions were made from this IP address.")
+def consent_show(settings: Settings, consent_id: str, ip: str | None) -> None:
+    """Print, as JSON, every decision linked to CONSENT_ID (oldest first).
+
+    The chain includes the decisions this one replaced and those that replaced it. The
+    lookup is itself recorded in the audit trail (5.5).
+    """
+    import json
+
+    from collector.consent import ConsentCodec
+    from collector.consent_records import ConsentRecords
+    from collector.errors import NotFound
+
+    async def job(ctx: CliContext) -> list[dict[str, Any]]:
+        c = ctx.settings.consent
+        pepper = c.ip_pepper.encode() or ConsentCodec(c).derive_key("consent-ip-hash")
+        records = ConsentRecords(ctx.storage, pepper)
+        async with ctx.audited("consent.read", consent_id):
+            chain = await records.chain(consent_id)
+            if not chain:
+                raise NotFound(f"no consent record for {consent_id!r}")
+        if ip:
+            from collector.enrich import normalize_ip
+
+            # Hashed in the form the server resolved it (e.g. IPv4-mapped IPv6 unwrapped).
+            digest = records.ip_hash(normalize_ip(ip) or ip)
+            for record in chain:
+                record["from_ip"] = record["ip_hash"] == digest
+        return chain
+
+    click.echo(json.dumps(run_with_storage(settings, job), indent=2, ensure_ascii=False))
 
 
 @main.command("check-config")

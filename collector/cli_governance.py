@@ -10,6 +10,7 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,18 @@ def _when(ts_ms: int | None) -> str:
     if ts_ms is None:
         return "-"
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts_ms / 1000))
+
+
+def _ip_hash(settings: Settings) -> Callable[[str], str]:
+    """The consent records' keyed IP hash, as the server computes it."""
+    from collector.config import resolve_secret
+    from collector.consent import ConsentCodec
+    from collector.consent_records import ConsentRecords
+
+    settings = resolve_secret(settings)
+    consent = settings.consent
+    pepper = consent.ip_pepper.encode() or ConsentCodec(consent).derive_key("consent-ip-hash")
+    return ConsentRecords(None, pepper).ip_hash  # type: ignore[arg-type]  # hashing only
 
 
 def _subject(visitor: str | None, ip: str | None) -> Any:
@@ -117,7 +130,7 @@ def export(settings: Settings, visitor: str | None, ip: str | None, output: str 
 
     async def job(ctx: CliContext) -> dict[str, Any]:
         async with ctx.audited("subject.export", subject.value, {"kind": subject.kind}):
-            return await subjects.export(ctx.storage, subject)
+            return await subjects.export(ctx.storage, subject, _ip_hash(settings))
 
     text = json.dumps(run_with_storage(settings, job), indent=2, ensure_ascii=False)
     if output:
@@ -150,6 +163,7 @@ def erase(settings: Settings, visitor: str | None, ip: str | None, yes: bool) ->
                 subject,
                 settings.consent.secret,
                 aggregates.rebuilders(settings),
+                _ip_hash(settings),
             )
         await ctx.audit.record(
             actor=ctx.actor,
@@ -161,7 +175,7 @@ def erase(settings: Settings, visitor: str | None, ip: str | None, yes: bool) ->
 
     done = run_with_storage(settings, job)
     click.echo(
-        f"erased {done.hits} hits; {done.consent_records} consent records pseudonymised"
+        f"erased {done.hits} hits; {done.consent_records} consent records kept (pseudonymous)"
         + "".join(f"; {n} rows from {t}" for t, n in done.tables.items())
     )
 

@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 ENV_PREFIX = "COLLECTOR_"
 _POLICY_VERSION = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _COOKIE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# scheme://host[:port], no path or trailing slash: compared verbatim with the Origin header.
+_ORIGIN = re.compile(r"^https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,8 @@ class ServerSettings:
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
     access_log: bool = False
+    # Serve the demo store page at /demo/ (``collector serve --demo``).
+    demo: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +56,13 @@ class StorageSettings:
     queue_size: int = 100_000
     # How long a pixel request may wait for queue space before its hit is dropped.
     queue_wait_ms: int = 50
+    # PostgreSQL only: connections per process, connect/statement timeout, daily hits
+    # partitions created ahead, and the local spool that holds batches while it is down.
+    pool_size: int = 10
+    connect_timeout_ms: int = 5000
+    partition_days_ahead: int = 7
+    spool_dir: str = "collector-spool"
+    spool_retry_ms: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +74,19 @@ class ConsentSettings:
     allowed_origins: tuple[str, ...] = ()
     require_reconsent: bool = False
     honor_dnt: bool = False
+    # Where the decision is read from: our own signed cookie, or an existing consent platform.
+    source: Literal["cookie", "cookieconsent", "tcf", "plain"] = "cookie"
+    cookieconsent_cookie: str = "cc_cookie"
+    cookieconsent_statistics: tuple[str, ...] = ("analytics",)  # categories granting statistics
+    cookieconsent_advertising: tuple[str, ...] = ("marketing",)
+    tcf_cookie: str = "euconsent-v2"
+    tcf_statistics: tuple[int, ...] = (1, 8, 9)  # TCF purposes that must all be consented
+    tcf_advertising: tuple[int, ...] = (1, 2, 3, 4, 7)
+    plain_cookie: str = "cookie_consent"
+    plain_statistics: tuple[str, ...] = ("all", "statistics")  # values granting statistics
+    plain_advertising: tuple[str, ...] = ("all", "advertising")
+    # Key for the IP hash in consent records; empty: derived from ``secret``.
+    ip_pepper: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +96,8 @@ class VisitorSettings:
     session_idle_minutes: int = 30
     secure: bool = True
     domain: str = ""
+    # "none" when the store and the collector are different sites (needs secure = true).
+    same_site: Literal["lax", "none"] = "lax"
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +127,44 @@ class RetentionSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class IpstatsSettings:
+    # 3.3.2: per-IP security counters for requests without statistics consent. Off by
+    # default; see docs/IP-STATISTICS.md for why.
+    without_consent: bool = False
+    without_consent_days: int = 7
+
+
+@dataclass(frozen=True, slots=True)
+class FraudSettings:
+    """Thresholds of the fraud rules (collector/fraud.py); a rule fires at or above."""
+
+    burst_per_minute: int = 60
+    visitors_per_ip: int = 20
+    ips_per_visitor: int = 5
+    bot_hits: int = 1
+    user_agents_per_ip: int = 8
+    anonymous_network: bool = True
+    countries_per_visitor: int = 3
+    no_page_hits: int = 5
+    network_factor: int = 4
+    verify_crawler_asn: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CollectSettings:
+    """``POST /collect``: batched app and server-side events (see collector/collect/)."""
+
+    enabled: bool = True
+    max_events: int = 100  # events per batch
+    max_bytes: int = 262_144  # request body
+    max_age_hours: int = 72  # older client times are clamped and flagged 'stale'
+    max_future_s: int = 60  # client clocks ahead by more than this: clamped, flagged 'future'
+    dedupe_hours: int = 72  # (app instance, event id) seen within this window counts once
+    rate_per_instance: int = 60  # batches per minute per app instance; 0 = unlimited
+    rate_per_ip: int = 600  # batches per minute per client IP; 0 = unlimited
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -109,6 +173,9 @@ class Settings:
     geoip: GeoipSettings = field(default_factory=GeoipSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    ipstats: IpstatsSettings = field(default_factory=IpstatsSettings)
+    fraud: FraudSettings = field(default_factory=FraudSettings)
+    collect: CollectSettings = field(default_factory=CollectSettings)
     # Where the settings came from, for the start-up log line; not a config key.
     source: str = field(default="defaults", compare=False)
 
@@ -209,12 +276,25 @@ def _coerce(where: str, hint: Any, value: Any, *, from_env: bool) -> Any:
     if origin is tuple:
         if from_env and isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
+        if typing.get_args(hint)[0] is int:
+            return _int_tuple(where, value, from_env=from_env)
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return tuple(value)
         raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
     if origin is dict or origin is types.GenericAlias:  # pragma: no cover - not used yet
         return value
     raise ConfigError(f"{where}: unsupported setting type {hint!r}")  # pragma: no cover
+
+
+def _int_tuple(where: str, value: Any, *, from_env: bool) -> tuple[int, ...]:
+    if from_env and isinstance(value, list):  # already split on commas
+        try:
+            return tuple(int(part) for part in value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected integers, got {value!r}") from None
+    if isinstance(value, list) and all(type(v) is int for v in value):
+        return tuple(value)
+    raise ConfigError(f"{where}: expected a list of integers, got {value!r}")
 
 
 def _validate(s: Settings) -> None:
@@ -242,6 +322,11 @@ def _validate(s: Settings) -> None:
         raise ConfigError("storage.path: must name the SQLite database file")
     if s.storage.backend == "postgres" and not s.storage.dsn:
         raise ConfigError("storage.dsn: required when storage.backend is postgres")
+    positive("storage.pool_size", s.storage.pool_size)
+    positive("storage.connect_timeout_ms", s.storage.connect_timeout_ms)
+    positive("storage.spool_retry_ms", s.storage.spool_retry_ms)
+    if s.storage.partition_days_ahead < 0:
+        raise ConfigError("storage.partition_days_ahead: must not be negative")
     positive("consent.period_days", s.consent.period_days)
     if not _POLICY_VERSION.match(s.consent.policy_version):
         raise ConfigError(
@@ -250,8 +335,14 @@ def _validate(s: Settings) -> None:
         )
     if s.consent.secret and len(s.consent.secret) < 16:
         raise ConfigError("consent.secret: must be at least 16 characters (or empty to generate)")
+    _validate_consent_sources(s.consent)
+    if s.visitor.same_site == "none" and not s.visitor.secure:
+        raise ConfigError("visitor.same_site: 'none' requires visitor.secure = true")
     for where, name in (
         ("consent.cookie_name", s.consent.cookie_name),
+        ("consent.cookieconsent_cookie", s.consent.cookieconsent_cookie),
+        ("consent.tcf_cookie", s.consent.tcf_cookie),
+        ("consent.plain_cookie", s.consent.plain_cookie),
         ("visitor.cookie_name", s.visitor.cookie_name),
         ("visitor.session_cookie_name", s.visitor.session_cookie_name),
     ):
@@ -267,6 +358,39 @@ def _validate(s: Settings) -> None:
     if s.retention.interval_minutes < 0:
         raise ConfigError("retention.interval_minutes: must not be negative (0 = off)")
     positive("retention.chunk_size", s.retention.chunk_size)
+    positive("ipstats.without_consent_days", s.ipstats.without_consent_days)
+    for key in FraudSettings.__dataclass_fields__:
+        value = getattr(s.fraud, key)
+        if not isinstance(value, bool):
+            positive(f"fraud.{key}", value)
+
+    for key in ("max_events", "max_bytes", "max_age_hours", "max_future_s", "dedupe_hours"):
+        positive(f"collect.{key}", getattr(s.collect, key))
+    for key in ("rate_per_instance", "rate_per_ip"):
+        if getattr(s.collect, key) < 0:
+            raise ConfigError(f"collect.{key}: must not be negative (0 = unlimited)")
+
+
+def _validate_consent_sources(c: ConsentSettings) -> None:
+    both = set(c.cookieconsent_statistics) & set(c.cookieconsent_advertising)
+    if both:
+        raise ConfigError(
+            f"consent.cookieconsent_advertising: category {sorted(both)[0]!r} is already "
+            "mapped to statistics (each category maps to one purpose)"
+        )
+    for where, ids in (
+        ("consent.tcf_statistics", c.tcf_statistics),
+        ("consent.tcf_advertising", c.tcf_advertising),
+    ):
+        if not ids or any(not 1 <= i <= 24 for i in ids):
+            raise ConfigError(f"{where}: list TCF purpose ids between 1 and 24, got {list(ids)}")
+    for origin in c.allowed_origins:
+        if not _ORIGIN.match(origin):
+            raise ConfigError(
+                f"consent.allowed_origins: {origin!r} is not an origin like https://shop.example"
+            )
+    if c.ip_pepper and len(c.ip_pepper) < 16:
+        raise ConfigError("consent.ip_pepper: must be at least 16 characters (or empty)")
 
 
 def resolve_secret(settings: Settings) -> Settings:

@@ -8,6 +8,12 @@ Purpose bits: 1 = statistics, 2 = advertising. A refusal is a signed cookie too 
 so "decided no" differs from "never asked". Tampered, unsigned, malformed, stale (older
 than ``period_days``, clause 5.1) or -- with ``require_reconsent`` -- given under another
 policy version (9.1-9.2) all read as no consent.
+
+``consent.source`` can point the reader at an existing consent platform instead
+(cookieconsent v3, IAB TCF v2.2, a plain cookie; decoders in consent_sources.py). Their
+decisions become a synthesized ``Consent``: a consent id keyed-hashed from the cookie value
+(so hits link to the exact decision without storing it), the current policy version, and
+"issued now" -- the platform owns expiry and re-consent.
 """
 
 from __future__ import annotations
@@ -18,10 +24,15 @@ import hmac
 import re
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from collector.config import ConsentSettings
+from collector.consent_sources import (
+    purposes_from_cookieconsent,
+    purposes_from_plain,
+    purposes_from_tcf,
+)
 
 STATISTICS = 1
 ADVERTISING = 2
@@ -52,7 +63,7 @@ class Consent:
         return [name for name, bit in PURPOSE_BITS.items() if self.purposes & bit]
 
 
-def purposes_from_names(names: list[str] | tuple[str, ...]) -> int:
+def purposes_from_names(names: Iterable[str]) -> int:
     bits = 0
     for name in names:
         if name not in PURPOSE_BITS:
@@ -97,6 +108,22 @@ class ConsentCodec:
         )
         return f"{payload}.{self._sign(payload)}"
 
+    def derive_key(self, label: str) -> bytes:
+        """A key for another use (IP hashing, external consent ids), separate from signing."""
+        return hmac.new(self._key, b"collector/" + label.encode("ascii"), hashlib.sha256).digest()
+
+    def verify(self, value: str) -> Consent | None:
+        """The decision signed into ``value`` whatever its age or policy version, else None.
+
+        For GET /consent (a stale decision is still "decided", just no longer in force) and
+        for chaining a new decision to the one it replaces.
+        """
+        return self._verify(value) if len(value) <= 160 else None
+
+    def is_stale(self, consent: Consent) -> bool:
+        """Given under an older policy version that ``require_reconsent`` no longer accepts."""
+        return self.require_reconsent and consent.policy_version != self.policy_version
+
     def _verify(self, value: str) -> Consent | None:
         m = _FORMAT.match(value)
         if m is None:
@@ -139,14 +166,60 @@ class ConsentReader:
 
     def __init__(self, settings: ConsentSettings, codec: ConsentCodec) -> None:
         self.codec = codec
-        self.name = settings.cookie_name
-        self.cookie_names: tuple[str, ...] = (settings.cookie_name,)
+        self.source = settings.source
+        self.name, self._external = _external_source(settings)
+        self.cookie_names: tuple[str, ...] = (self.name,)
+        self._id_key = codec.derive_key(f"external-consent-id/{self.source}")
+        self._cache: dict[str, tuple[str, int] | None] = {}
 
     def read(self, cookies: Mapping[str, str], now: float) -> tuple[Consent | None, str]:
         raw = cookies.get(self.name)
         if raw is None:
             return None, "absent"
-        consent = self.codec.decode(raw, now)
+        if self._external is None:
+            consent = self.codec.decode(raw, now)
+        else:
+            consent = self._read_external(raw, now)
         if consent is None:
             return None, "invalid"
         return consent, "granted" if consent.statistics else "refused"
+
+    def _read_external(self, raw: str, now: float) -> Consent | None:
+        assert self._external is not None
+        try:
+            decoded = self._cache[raw]
+        except KeyError:
+            purposes = self._external(raw)
+            decoded = None
+            if purposes is not None:
+                digest = hmac.new(self._id_key, raw.encode("utf-8", "replace"), hashlib.sha256)
+                tag = base64.urlsafe_b64encode(digest.digest()[:12]).decode("ascii")
+                decoded = (f"{_ID_PREFIX[self.source]}-{tag}", purposes_from_names(purposes))
+            if len(self._cache) >= _MAX_CACHE:
+                self._cache.clear()
+            self._cache[raw] = decoded
+        if decoded is None:
+            return None
+        return Consent(decoded[0], decoded[1], self.codec.policy_version, int(now))
+
+
+_ID_PREFIX = {"cookieconsent": "cc", "tcf": "tcf", "plain": "plain"}
+_Decoder = Callable[[str], "frozenset[str] | None"]
+
+
+def _external_source(settings: ConsentSettings) -> tuple[str, _Decoder | None]:
+    """The cookie to read and, for a consent platform, the decoder of its value."""
+    if settings.source == "cookieconsent":
+        categories = {c: "statistics" for c in settings.cookieconsent_statistics}
+        categories.update({c: "advertising" for c in settings.cookieconsent_advertising})
+        return settings.cookieconsent_cookie, lambda v: purposes_from_cookieconsent(v, categories)
+    if settings.source == "tcf":
+        ids = {"statistics": settings.tcf_statistics, "advertising": settings.tcf_advertising}
+        return settings.tcf_cookie, lambda v: purposes_from_tcf(v, ids)
+    if settings.source == "plain":
+        values = {
+            "statistics": settings.plain_statistics,
+            "advertising": settings.plain_advertising,
+        }
+        return settings.plain_cookie, lambda v: purposes_from_plain(v, values)
+    return settings.cookie_name, None

@@ -7,6 +7,7 @@ it runs once per hit. The pixel itself only gathers raw facts; the batch writer 
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import re
@@ -20,11 +21,14 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 from ua_parser import Parser, load_builtins, regex
 from user_agents.parsers import UserAgent, parse_browser, parse_device, parse_operating_system
 
+from collector.app_device import app_device
 from collector.config import PrivacySettings, Settings
 from collector.geo import GeoInfo, GeoIP
 from collector.storage.base import HitRow, RawHit
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# App screens are stored as app://<screen name> in page_url (POST /collect).
+APP_SCHEME = "app://"
 _EMAIL = re.compile(r"[^\s/?#&=@]+@[^\s/?#&=@]+\.[A-Za-z]{2,}")
 # A path segment or value that looks like a secret rather than a word: long runs of
 # hex, base64url without word separators, or a JWT. Slugs ("oak-table-2000") survive.
@@ -174,6 +178,8 @@ class UrlSanitizer:
         raw = _CONTROL.sub("", raw.strip())[: self._max * 4]
         if not raw:
             return None
+        if raw.startswith(APP_SCHEME):
+            return _clean_screen(raw[len(APP_SCHEME) :], self._max)
         try:
             parts = urlsplit(raw)
             host = (parts.hostname or "").lower()
@@ -201,7 +207,16 @@ class UrlSanitizer:
         cleaned = self.clean(raw) if raw else None
         if cleaned is None:
             return "(none)"
+        if cleaned.startswith(APP_SCHEME):
+            return cleaned[:256]
         return urlsplit(cleaned).path[:256] or "/"
+
+
+def _clean_screen(name: str, limit: int) -> str | None:
+    """An app screen name, scrubbed per '/'-segment like a URL path (no secrets stored)."""
+    segments = [_scrub(seg.strip()) for seg in name.split("/")]
+    cleaned = "/".join(seg for seg in segments if seg)
+    return f"{APP_SCHEME}{cleaned}"[:limit] if cleaned else None
 
 
 def referrer_domain(url: str | None) -> str:
@@ -305,6 +320,17 @@ class Enricher:
         geo = self.geoip.lookup(hit.ip)
         clean = self.urls.clean
         page = clean(hit.page) if hit.page else None
+        if hit.os_name or hit.device_model:
+            # An app's own declaration beats its HTTP client's UA (see app_device.py).
+            browser = dataclasses.replace(
+                browser,
+                **app_device(
+                    self.ua, hit.os_name or "", hit.os_version or "", hit.device_model or ""
+                )._asdict(),
+            )
+        elif hit.source == "app" and browser.device_class == "bot":
+            # An app that declares nothing still is an app, not its HTTP library (okhttp).
+            browser = dataclasses.replace(browser, device_class="mobile")
         return HitRow(
             ts_ms=hit.ts_ms,
             ip=hit.ip,
@@ -328,6 +354,13 @@ class Enricher:
             consent_id=hit.consent_id,
             policy_version=hit.policy_version,
             source=hit.source,
+            event_id=hit.event_id,
+            event_type=hit.event_type,
+            client_ts_ms=hit.client_ts_ms,
+            received_ms=hit.received_ms,
+            time_flag=hit.time_flag,
+            app_version=hit.app_version,
+            device_model=hit.device_model,
         )
 
 

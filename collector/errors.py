@@ -6,6 +6,7 @@ The API turns a ``CollectorError`` into ``{"error": code, "detail": ...}`` with 
     CollectorError
     ├── ConfigError          invalid configuration (exit 2)
     ├── StorageError         the database cannot be reached or written
+    │   └── DatabaseUnreachable  no connection at all (the spool takes over)
     ├── InputError           a request or CLI argument is malformed (400)
     │   └── NotFound         the thing named does not exist (404)
     └── AuthError            missing or bad credentials (401)
@@ -33,6 +34,10 @@ class ConfigError(CollectorError):
 class StorageError(CollectorError):
     status = 503
     code = "storage_unavailable"
+
+
+class DatabaseUnreachable(StorageError):
+    """The server did not answer (refused, reset, shutting down): worth spooling, not fixing."""
 
 
 class InputError(CollectorError):

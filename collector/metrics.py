@@ -40,6 +40,11 @@ class Metrics:
         self.auth_failures = Counter(
             "collector_auth_failures", "Failed API authentications", registry=r
         )
+        self.spool_hits = Gauge(
+            "collector_spool_hits",
+            "Hits held in the local spool while PostgreSQL is unreachable",
+            registry=r,
+        )
         self.storage_errors = Counter(
             "collector_storage_errors", "Failed batch writes (retried)", registry=r
         )

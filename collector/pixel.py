@@ -98,6 +98,7 @@ class Pixel:
         self.vid_name = settings.visitor.cookie_name
         self.sid_name = settings.visitor.session_cookie_name
         self.honor_dnt = settings.consent.honor_dnt
+        self.ip_without_consent = settings.ipstats.without_consent
         self.allowlist = tuple(
             n
             for n in settings.privacy.cookie_allowlist
@@ -106,7 +107,7 @@ class Pixel:
         self.wanted = frozenset(
             (*self.consent.cookie_names, self.vid_name, self.sid_name, *self.allowlist)
         )
-        attrs = "; Path=/; HttpOnly; SameSite=Lax"
+        attrs = f"; Path=/; HttpOnly; SameSite={settings.visitor.same_site.capitalize()}"
         if settings.visitor.secure:
             attrs += "; Secure"
         if settings.visitor.domain:
@@ -171,7 +172,13 @@ class Pixel:
         if not page:
             page = referer
         if consent is None or not consent.statistics:
-            self.writer.put_nowait(AnonHit(ts_ms, page, state))
+            if self.ip_without_consent:  # 3.3.2 security counters, off by default
+                client = scope.get("client")
+                peer = client[0] if client else None
+                ip = self.client_ip.resolve(peer, xff, forwarded)
+                self.writer.put_nowait(AnonHit(ts_ms, page, state, ip, ua))
+            else:
+                self.writer.put_nowait(AnonHit(ts_ms, page, state))
             if self.vid_name in cookies or self.sid_name in cookies:
                 # No valid statistics consent: the visitor id must not live on (3.3, 5.1).
                 return {

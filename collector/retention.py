@@ -8,8 +8,8 @@ coarse geo. Rollups and ``pixel_counts`` are never touched.
 
 Work goes in chunks of ``retention.chunk_size`` rows, each its own short transaction,
 so the batch writer waits at most one chunk. A backend that can drop whole time
-partitions (PostgreSQL) provides ``drop_hits_before(cutoff_ms) -> rows``; it is called
-first, and the chunked delete handles what is left.
+partitions (PostgreSQL) provides ``drop_partitions_before(ts_ms)``; it is called first,
+and the chunked delete handles what is left. Per-IP statistics of the expired days go too.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from collector import ipstats
 from collector.config import Settings
 from collector.storage.base import Storage
 
@@ -34,9 +35,10 @@ _PENDING = {"delete": "", "depersonalise": " AND visitor_id <> ''"}
 
 @runtime_checkable
 class PartitionDropper(Protocol):
-    """Optional storage capability: remove whole partitions entirely older than cutoff."""
+    """Optional storage capability (PostgreSQL): drop the daily partitions of hits that
+    lie entirely before ``ts_ms``; returns how many partitions went."""
 
-    async def drop_hits_before(self, cutoff_ms: int) -> int: ...
+    async def drop_partitions_before(self, ts_ms: int) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +95,15 @@ async def purge(
     """Apply ``p``; call ``progress(rows)`` after each chunk; return rows handled."""
     done = 0
     if p.mode == "delete" and isinstance(storage, PartitionDropper):
-        dropped = await storage.drop_hits_before(p.cutoff_ms)
-        done += dropped
-        progress(dropped)
+        if await storage.drop_partitions_before(p.cutoff_ms):
+            left = await storage.fetch_one(
+                "SELECT count(*) AS n FROM hits WHERE ts_ms < ?", [p.cutoff_ms]
+            )
+            done = p.pending - int(left["n"] if left else 0)
+            progress(done)
+    # Per-IP statistics are personal data with the same period as the hits (3.3.2, 5.1).
+    async with storage.transaction() as tx:
+        await ipstats.purge(tx, p.cutoff_ms)
     while True:
         if p.mode == "delete":
             n = await storage.execute(

@@ -14,10 +14,11 @@ import hashlib
 import hmac
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from collector import ipstats
 from collector.aggregates import Rebuilder
 from collector.enrich import normalize_ip
 from collector.errors import InputError, StorageError
@@ -75,7 +76,16 @@ def personal_tables() -> list[PersonalTable]:
 
     Tables that do not exist (yet) in the database are skipped.
     """
-    return []
+    return [
+        # IP statistics (3.3.2): rows named by an IP (scope 'ip') or a visitor id.
+        PersonalTable("ipstat_daily", ip_column="subject"),
+        PersonalTable("ipstat_values", ip_column="subject", visitor_column="subject"),
+        PersonalTable("ipstat_minute", ip_column="subject"),
+        PersonalTable("ipstat_unconsented", ip_column="ip"),
+    ]
+
+
+IpHash = Callable[[str], str]
 
 
 async def table_columns(storage: Storage, table: str) -> list[str] | None:
@@ -106,8 +116,13 @@ async def rebuild(tx: Transaction, rebuilders: Sequence[Rebuilder], when: tuple[
         await rebuilder(tx, when[0], when[1])
 
 
-async def export(storage: Storage, subject: Subject) -> dict[str, Any]:
-    """Everything held about ``subject`` (admin view: blocked rows included)."""
+async def export(
+    storage: Storage, subject: Subject, ip_hash: IpHash | None = None
+) -> dict[str, Any]:
+    """Everything held about ``subject`` (admin view: blocked rows included).
+
+    ``ip_hash`` is the consent records' keyed IP hash, to find an IP's consent records.
+    """
     col = subject.column
     hits = await storage.fetch_all(
         f"SELECT * FROM hits WHERE {col} = ? ORDER BY ts_ms, id", [subject.value]
@@ -122,7 +137,11 @@ async def export(storage: Storage, subject: Subject) -> dict[str, Any]:
             [subject.kind, subject.value],
         ),
         "consent_records": await _consent_records(
-            storage, await table_columns(storage, "consent_records"), subject, consent_ids
+            storage,
+            await table_columns(storage, "consent_records"),
+            subject,
+            consent_ids,
+            ip_hash,
         ),
         # Who processed the subject's data, and how (5.5): part of what they may ask for.
         "audit": await storage.fetch_all(
@@ -145,6 +164,7 @@ async def _consent_records(
     columns: list[str] | None,
     subject: Subject,
     consent_ids: Sequence[str],
+    ip_hash: IpHash | None = None,
 ) -> list[dict[str, Any]]:
     """Consent records (the consent feature's table) given under the subject's consent ids
     or naming the subject directly; ``columns`` from ``table_columns`` (None: no table)."""
@@ -164,6 +184,11 @@ async def _consent_records(
             f"SELECT * FROM consent_records WHERE {subject.column} = ?", [subject.value]
         ):
             found[_key(row)] = row
+    if subject.kind == "ip" and ip_hash is not None and "ip_hash" in columns:
+        for row in await db.fetch_all(
+            "SELECT * FROM consent_records WHERE ip_hash = ?", [ip_hash(subject.value)]
+        ):
+            found[_key(row)] = row
     return list(found.values())
 
 
@@ -181,23 +206,34 @@ def pseudonym(secret: str, value: str) -> str:
 @dataclass(frozen=True, slots=True)
 class Erased:
     hits: int
-    consent_records: int
+    consent_records: int  # kept as proof of consent, pseudonymous
+    pseudonymised: int  # of those, rows whose identifying columns were replaced now
     tables: dict[str, int]
     span: tuple[int, int] | None
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "hits": self.hits,
-            "consent_records_pseudonymised": self.consent_records,
+            "consent_records_kept": self.consent_records,
+            "consent_records_pseudonymised": self.pseudonymised,
             "tables": self.tables,
             "span_ms": list(self.span) if self.span else None,
         }
 
 
 async def erase(
-    storage: Storage, subject: Subject, secret: str, rebuilders: Sequence[Rebuilder]
+    storage: Storage,
+    subject: Subject,
+    secret: str,
+    rebuilders: Sequence[Rebuilder],
+    ip_hash: IpHash | None = None,
 ) -> Erased:
-    """Delete the subject's hits and per-IP rows, pseudonymise consent records, rebuild."""
+    """Delete the subject's hits and per-IP rows, pseudonymise consent records, rebuild.
+
+    The consent feature's records hold no raw IP or visitor id (a keyed IP hash and the
+    browser family) and are append-only evidence: they are kept as they are. Columns
+    that would name the subject directly are replaced by a keyed pseudonym.
+    """
     consent_cols = await table_columns(storage, "consent_records")
     tables = [
         (t, col)
@@ -215,30 +251,31 @@ async def erase(
             t.name: await tx.execute(f"DELETE FROM {t.name} WHERE {col} = ?", [subject.value])
             for t, col in tables
         }
+        if await _exists(tx, tables, "ipstat_daily"):
+            # Rows naming the subject as a value (an IP among a visitor's IPs, ...).
+            await ipstats.erase_subject(tx, subject.kind, subject.value)
         # Released blocks are history; active ones must keep naming the subject to work.
         counts["blocks"] = await tx.execute(
             "UPDATE blocks SET value = ? WHERE kind = ? AND value = ? AND released_at IS NOT NULL",
             [pseudonym(secret, subject.value), subject.kind, subject.value],
         )
-        records = 0
-        if consent_cols:
-            records = await _pseudonymise(tx, consent_cols, subject, consent_ids, secret)
+        kept = await _consent_records(tx, consent_cols, subject, consent_ids, ip_hash)
+        changed = await _pseudonymise(tx, kept, subject, secret) if kept else 0
         if when is not None:
             await rebuild(tx, rebuilders, when)
-    return Erased(hits, records, counts, when)
+    return Erased(hits, len(kept), changed, counts, when)
+
+
+async def _exists(tx: Transaction, tables: list[tuple[PersonalTable, str]], name: str) -> bool:
+    return any(t.name == name for t, _ in tables)
 
 
 async def _pseudonymise(
-    tx: Transaction,
-    columns: list[str],
-    subject: Subject,
-    consent_ids: Sequence[str],
-    secret: str,
+    tx: Transaction, rows: list[dict[str, Any]], subject: Subject, secret: str
 ) -> int:
-    targets = [c for c in _IDENTIFYING if c in columns]
+    targets = [c for c in _IDENTIFYING if c in rows[0]]
     if not targets:
         return 0
-    rows = await _consent_records(tx, columns, subject, consent_ids)
     touched = 0
     for row in rows:
         values = [pseudonym(secret, str(row[c])) if row[c] else row[c] for c in targets]

@@ -190,6 +190,7 @@ class BatchWriter:
     async def _build(self, items: Sequence[Item]) -> Batch:
         rows: list[HitRow] = []
         counts: Counter[tuple[str, str, str]] = Counter()
+        unconsented: list[tuple[int, str, str]] = []
         path = self.enricher.urls.path
         row = self.enricher.row
         for i, item in enumerate(items):
@@ -199,12 +200,15 @@ class BatchWriter:
                 counts[(self._day(item.ts_ms), _path_of(r.page_url, path), "granted")] += 1
             else:
                 counts[(self._day(item.ts_ms), path(item.page), item.state)] += 1
+                if item.ip:  # 3.3.2 security counters: the user agent ends here
+                    agent = self.enricher.ua(item.user_agent[:512])
+                    unconsented.append((item.ts_ms, item.ip, agent.family if agent.is_bot else ""))
             if i % _ENRICH_SLICE == _ENRICH_SLICE - 1:
                 await asyncio.sleep(0)
         kept: Sequence[HitRow] = rows
         for keep in self.filters:
             kept = keep(kept)
-        return Batch(hits=kept, pixel_counts=counts)
+        return Batch(hits=kept, pixel_counts=counts, unconsented_ips=unconsented)
 
     async def _store(self, items: Sequence[Item]) -> None:
         batch = await self._build(items)

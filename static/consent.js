@@ -117,6 +117,9 @@
 
   // 9.1–9.2: a decision given under an older policy version does not count; ask again.
   const undecided = (s) => !s || !s.decided_at || Boolean(s.stale);
+  // consent.source other than "cookie": the store's own consent platform asks and decides, and
+  // the collector refuses POST/DELETE (409), so this banner never shows by itself.
+  const external = (s) => Boolean(s && s.source && s.source !== "cookie");
 
   async function get() {
     state = await request("GET");
@@ -317,7 +320,9 @@
     Promise.all([ready, stylesLoaded()])
       .then(() => {
         // Do not pull focus away from a field the visitor is already typing in.
-        if (undecided(state)) show(!document.activeElement || document.activeElement === document.body);
+        if (undecided(state) && !external(state)) {
+          show(!document.activeElement || document.activeElement === document.body);
+        }
       })
       .catch((err) => console.warn("kdv-consent: consent state unavailable", err));
   }

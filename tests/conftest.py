@@ -1,18 +1,28 @@
-"""Shared fixtures: real SQLite files in tmp_path, the real ASGI app, real servers."""
+"""Shared fixtures: real SQLite files in tmp_path, the real PostgreSQL, the real ASGI app,
+real servers.
+
+PostgreSQL tests use the server named by ``$COLLECTOR_TEST_PG_DSN`` (default: the local
+one); each gets a fresh schema that is dropped afterwards. Without a server they skip,
+saying so, except under ``$CI``, where they fail.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
 import os
+import secrets
 import socket
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
@@ -47,6 +57,99 @@ def make_settings(tmp_path: Path, **sections: dict[str, Any]) -> Settings:
         for name, values in sections.items()
     }
     return dataclasses.replace(base, **replaced)
+
+
+PG_DSN_ENV = "COLLECTOR_TEST_PG_DSN"
+PG_DSN = os.environ.get(PG_DSN_ENV) or "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run a coroutine to completion from sync code, off any running event loop."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def with_schema(dsn: str, schema: str) -> str:
+    """The DSN with ``search_path`` set (asyncpg passes unknown parameters to the server)."""
+    return f"{dsn}{'&' if '?' in dsn else '?'}search_path={schema}"
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> str:
+    """The PostgreSQL DSN for tests; skip (fail under $CI) when nothing answers there."""
+
+    async def probe() -> None:
+        conn = await asyncpg.connect(PG_DSN, timeout=5)
+        await conn.close()
+
+    try:
+        run_sync(probe())
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        reason = f"PostgreSQL not reachable at {PG_DSN} (set {PG_DSN_ENV}): {exc}"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return PG_DSN
+
+
+@pytest.fixture
+def pg_dsn(pg_server: str) -> Iterator[str]:
+    """A DSN whose search_path is a fresh schema of its own, dropped after the test."""
+    schema = f"test_{secrets.token_hex(6)}"
+
+    async def run(sql: str) -> None:
+        conn = await asyncpg.connect(pg_server)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    run_sync(run(f"CREATE SCHEMA {schema}"))
+    yield with_schema(pg_server, schema)
+    run_sync(run(f"DROP SCHEMA {schema} CASCADE"))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Run the test once per storage backend."""
+    return str(request.param)
+
+
+def backend_overrides(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> dict[str, Any]:
+    """``storage`` settings for ``backend`` (PostgreSQL: a fresh schema, a spool in tmp_path)."""
+    if backend == "sqlite":
+        return {}
+    return {
+        "backend": "postgres",
+        "dsn": request.getfixturevalue("pg_dsn"),
+        "spool_dir": str(tmp_path / "spool"),
+        "partition_days_ahead": 1,  # fewer CREATE TABLEs per test
+    }
+
+
+@pytest.fixture
+def backend_settings(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> Settings:
+    """Like ``settings``, on each backend in turn."""
+    return make_settings(
+        tmp_path,
+        storage=backend_overrides(tmp_path, backend, request),
+        geoip={"city_db": str(GEOIP / "GeoIP2-City-Test.mmdb")},
+    )
+
+
+@pytest.fixture
+async def backend_app(backend_settings: Settings) -> AsyncIterator[CollectorApp]:
+    application = create_app(backend_settings)
+    async with application.lifespan(application.starlette):
+        yield application
+
+
+@pytest.fixture
+async def backend_client(backend_app: CollectorApp) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(backend_app) as c:
+        yield c
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from collector.app import CollectorApp
-from tests.conftest import SECRET, rows
+from tests.conftest import SECRET
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -21,8 +21,9 @@ def bearer(token: str) -> dict[str, str]:
 
 
 async def test_roles_decide_what_a_token_may_read(
-    app: CollectorApp, client: httpx.AsyncClient
+    backend_app: CollectorApp, backend_client: httpx.AsyncClient
 ) -> None:
+    app, client = backend_app, backend_client
     analyst = await app.tokens.create("ana", "analyst")
     admin = await app.tokens.create("root", "admin")
     assert (await client.get("/api/whoami", headers=bearer(analyst))).json() == {
@@ -42,20 +43,26 @@ async def test_roles_decide_what_a_token_may_read(
 
 
 async def test_tokens_are_stored_hashed_and_revocable(
-    app: CollectorApp, client: httpx.AsyncClient
+    backend_app: CollectorApp, backend_client: httpx.AsyncClient
 ) -> None:
+    app, client = backend_app, backend_client
     token = await app.tokens.create("eng", "engineer")
     assert token.startswith("kdv_") and len(token) > 40
-    raw = b"".join(p.read_bytes() for p in Path(app.settings.storage.path).parent.glob("*.db*"))
-    assert token.encode() not in raw
+    if app.settings.storage.backend == "sqlite":
+        raw = b"".join(p.read_bytes() for p in Path(app.settings.storage.path).parent.glob("*.db*"))
+        assert token.encode() not in raw
+    assert not await app.storage.fetch_all(
+        "SELECT id FROM api_tokens WHERE token_hash = ? OR prefix = ?", [token, token]
+    )
     assert (await client.get("/api/whoami", headers=bearer(token))).status_code == 200
     await app.tokens.revoke("eng")
     assert (await client.get("/api/whoami", headers=bearer(token))).status_code == 401
 
 
 async def test_repeated_failures_are_rate_limited_and_logged(
-    app: CollectorApp, client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+    backend_app: CollectorApp, backend_client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
 ) -> None:
+    app, client = backend_app, backend_client
     statuses = [
         (await client.get("/api/whoami", headers=bearer(f"kdv_wrong{i}"))).status_code
         for i in range(12)
@@ -64,13 +71,14 @@ async def test_repeated_failures_are_rate_limited_and_logged(
     assert any("unauthorised access attempt" in r.message for r in caplog.records)
     assert "kdv_wrong" not in caplog.text  # presented tokens never reach the log
     assert "collector_auth_failures_total 10.0" in (await client.get("/metrics")).text
-    failed = rows(
-        app.settings.storage.path, "SELECT count(*) FROM audit_log WHERE action = 'auth.failed'"
+    failed = await app.storage.fetch_one(
+        "SELECT count(*) AS n FROM audit_log WHERE action = 'auth.failed'"
     )
-    assert failed[0][0] == 10
+    assert failed == {"n": 10}
 
 
-async def test_server_start_is_audited_without_secrets(app: CollectorApp) -> None:
+async def test_server_start_is_audited_without_secrets(backend_app: CollectorApp) -> None:
+    app = backend_app
     (start,) = await app.audit.entries(action="server.start")
     assert start["actor"] == "system"
     assert '"secret": "***"' in start["detail"] and SECRET not in start["detail"]
@@ -116,18 +124,17 @@ def test_cli_tokens_and_a_tampered_audit_row_is_detected(tmp_path: Path) -> None
     assert "broken at record 2: record altered" in broken.stderr
 
 
-async def test_deleting_an_audit_row_breaks_the_chain(app: CollectorApp) -> None:
+async def test_deleting_an_audit_row_breaks_the_chain(backend_app: CollectorApp) -> None:
+    app = backend_app
     for i in range(3):
         await app.audit.record(actor="t", action="test", subject=str(i))
     assert (await app.audit.verify()).ok
-    conn = sqlite3.connect(app.settings.storage.path)
-    conn.execute("DELETE FROM audit_log WHERE subject = '1'")
-    conn.commit()
-    conn.close()
+    await app.storage.execute("DELETE FROM audit_log WHERE subject = '1'")
     result = await app.audit.verify()
     assert not result.ok and "link broken" in result.reason
 
 
-async def test_concurrent_audit_records_keep_one_chain(app: CollectorApp) -> None:
+async def test_concurrent_audit_records_keep_one_chain(backend_app: CollectorApp) -> None:
+    app = backend_app
     await asyncio.gather(*(app.audit.record(actor="t", action="x") for _ in range(50)))
     assert (await app.audit.verify()).checked == 51

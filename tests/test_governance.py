@@ -19,6 +19,7 @@ import pytest
 from collector import retention
 from collector.app import CollectorApp, create_app
 from collector.config import Settings
+from collector.consent_records import ConsentRecord
 from collector.storage.base import Batch, HitRow, Transaction
 from collector.storage.sqlite import SQLiteStorage
 from collector.visibility import VISIBLE
@@ -213,23 +214,31 @@ async def test_bad_block_requests_say_what_is_wrong(
     assert resp.status_code == 400 and message in resp.json()["detail"]
 
 
-async def _consent_table(app: CollectorApp) -> None:
-    # The consent feature's table (another branch); only the columns erasure relies on.
-    await app.storage.execute(
-        "CREATE TABLE consent_records (id INTEGER PRIMARY KEY, consent_id TEXT, "
-        "visitor_id TEXT, ip TEXT, purposes INTEGER, policy_version TEXT, created_at INTEGER)"
-    )
-    await app.storage.execute(
-        "INSERT INTO consent_records (consent_id, visitor_id, ip, purposes, policy_version, "
-        "created_at) VALUES ('c-1', ?, '81.2.69.142', 3, '1', ?), ('c-9', ?, '1.1.1.1', 1, '1', ?)",
-        [ALICE, NOW, BOB, NOW],
-    )
+async def _consent_records(app: CollectorApp) -> None:
+    """Real consent records (the consent feature's append-only table) for Alice and Bob."""
+    for consent_id, ip in (("c-1", "81.2.69.142"), ("c-9", "1.1.1.1")):
+        await app.consent_records.append(
+            ConsentRecord(
+                consent_id=consent_id,
+                previous_id=None,
+                action="grant",
+                statistics=True,
+                advertising=True,
+                policy_version="1",
+                decided_at_ms=NOW,
+                source="post-json",
+                origin="https://s.kz",
+                user_agent_family="Mobile Safari",
+                ip_hash=app.consent_records.ip_hash(ip),
+                gpc=False,
+            )
+        )
 
 
 async def test_subject_export_holds_everything_about_the_visitor(
     app: CollectorApp, client: httpx.AsyncClient, tokens: dict[str, str]
 ) -> None:
-    await _consent_table(app)
+    await _consent_records(app)
     await store(app, hit_row(NOW - DAY), hit_row(NOW), hit_row(NOW, visitor=BOB, consent="c-9"))
     admin = bearer(tokens["admin"])
     await client.post("/api/admin/blocks", json={"visitor": ALICE, "reason": "r"}, headers=admin)
@@ -240,16 +249,24 @@ async def test_subject_export_holds_everything_about_the_visitor(
     assert [r["consent_id"] for r in data["consent_records"]] == ["c-1"]
     assert [b["reason"] for b in data["blocks"]] == ["r"]
     assert [a["action"] for a in data["audit"]] == ["block.add"]  # who processed it
+    assert data["ipstat_values"] == []  # blocked: out of the IP statistics too (6.2.4)
     by_ip = (await client.get("/api/admin/subjects?ip=81.2.69.142", headers=admin)).json()
     assert len(by_ip["hits"]) == 3
+    assert sorted(r["consent_id"] for r in by_ip["consent_records"]) == ["c-1", "c-9"]
+    # Consent records hold only a keyed hash of the IP; the export finds them through it.
+    by_hash = (await client.get("/api/admin/subjects?ip=1.1.1.1", headers=admin)).json()
+    assert by_hash["hits"] == [] and [r["consent_id"] for r in by_hash["consent_records"]] == [
+        "c-9"
+    ]
+    assert by_ip["ipstat_daily"][0]["subject"] == "81.2.69.142"
     (entry,) = await app.audit.entries(action="subject.export", subject=ALICE)
     assert json.loads(entry["detail"])["hits"] == 2 and entry["outcome"] == "200"
 
 
-async def test_erasure_deletes_hits_and_pseudonymises_consent_records(
+async def test_erasure_deletes_hits_and_per_ip_rows_and_keeps_consent_proof(
     app: CollectorApp, client: httpx.AsyncClient, tokens: dict[str, str], rollup: DailyRollup
 ) -> None:
-    await _consent_table(app)
+    await _consent_records(app)
     await store(app, hit_row(NOW - 2 * DAY), hit_row(NOW), hit_row(NOW, visitor=BOB))
     async with app.storage.transaction() as tx:
         await rollup(tx, NOW - 5 * DAY, NOW + DAY)
@@ -262,21 +279,23 @@ async def test_erasure_deletes_hits_and_pseudonymises_consent_records(
             await client.delete(f"/api/admin/blocks/{made.json()['id']}", headers=admin)
     resp = await client.post("/api/admin/subjects/erase", json={"visitor": ALICE}, headers=admin)
     assert resp.status_code == 200, resp.text
-    assert resp.json()["hits"] == 2 and resp.json()["consent_records_pseudonymised"] == 1
+    assert resp.json()["hits"] == 2
+    # The proof of consent stays, as it is: it holds no raw IP or visitor id.
+    assert resp.json()["consent_records_kept"] == 1
+    assert resp.json()["consent_records_pseudonymised"] == 0
+    assert len(await app.storage.fetch_all("SELECT * FROM consent_records")) == 2
     assert await app.storage.fetch_all("SELECT visitor_id FROM hits") == [{"visitor_id": BOB}]
-    assert rollup.calls[-1] == (NOW - 2 * DAY, NOW + 1)
+    assert (NOW - 2 * DAY, NOW + 1) in rollup.calls
     assert await DailyRollup.total(app) == 1
-    records = await app.storage.fetch_all(
-        "SELECT consent_id, visitor_id, ip, purposes FROM consent_records ORDER BY id"
+    # Per-IP statistics no longer name Alice, and count only Bob's hit.
+    named = await app.storage.fetch_all(
+        "SELECT * FROM ipstat_values WHERE subject = ? OR value = ?", [ALICE, ALICE]
     )
-    kept, untouched = records
-    # The proof of consent stays; the link to the person does not.
-    assert kept["consent_id"] == "c-1" and kept["purposes"] == 3
-    assert kept["visitor_id"].startswith("erased-") and ALICE not in kept["visitor_id"]
-    assert kept["ip"].startswith("erased-")
-    assert untouched["visitor_id"] == BOB
+    assert named == []
+    ip_days = await app.storage.fetch_all("SELECT hits FROM ipstat_daily WHERE scope = 'ip'")
+    assert ip_days == [{"hits": 1}]
     blocks = await app.storage.fetch_all("SELECT value, released_at FROM blocks ORDER BY id")
-    assert blocks[0]["value"] == kept["visitor_id"]  # released: history, pseudonymised
+    assert blocks[0]["value"].startswith("erased-")  # released: history, pseudonymised
     assert blocks[1] == {"value": ALICE, "released_at": None}  # active: still blocks
     (entry,) = await app.audit.entries(action="subject.erase")
     assert entry["subject"] == ALICE and json.loads(entry["detail"])["hits"] == 2
@@ -411,10 +430,10 @@ class PartitionedSQLite(SQLiteStorage):
 
     dropped: list[int]
 
-    async def drop_hits_before(self, cutoff_ms: int) -> int:
-        self.dropped = [cutoff_ms]
-        whole_days = cutoff_ms // DAY * DAY
-        return await self.execute("DELETE FROM hits WHERE ts_ms < ?", [whole_days])
+    async def drop_partitions_before(self, ts_ms: int) -> int:
+        self.dropped = [ts_ms]
+        whole_days = ts_ms // DAY * DAY
+        return 1 if await self.execute("DELETE FROM hits WHERE ts_ms < ?", [whole_days]) else 0
 
 
 async def test_purge_lets_a_partitioned_backend_drop_whole_days_first(settings: Settings) -> None:

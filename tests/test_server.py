@@ -47,7 +47,7 @@ def test_real_server_sets_and_reuses_the_visitor_cookie(
     assert value not in log and SECRET not in log  # no cookie or secret in the logs
 
 
-async def _load(url: str, cookie: str, stop: asyncio.Event) -> tuple[int, int]:
+async def _load(url: str, cookie: str, stop: asyncio.Event, progress: list[int]) -> tuple[int, int]:
     """Send consented hits until the server goes away; count the 200s."""
     answered = errors = 0
     async with httpx.AsyncClient(base_url=url, headers={"cookie": cookie}, timeout=5) as client:
@@ -62,6 +62,7 @@ async def _load(url: str, cookie: str, stop: asyncio.Event) -> tuple[int, int]:
                 continue
             if resp.status_code == 200:
                 answered += 1
+                progress[0] += 1
     return answered, errors
 
 
@@ -75,8 +76,12 @@ async def test_sigterm_under_load_loses_no_answered_hit(
     )
     stop = asyncio.Event()
     cookie = cookie_for()
-    tasks = [asyncio.create_task(_load(server.url, cookie, stop)) for _ in range(16)]
-    await asyncio.sleep(1.5)
+    progress = [0]
+    tasks = [asyncio.create_task(_load(server.url, cookie, stop, progress)) for _ in range(16)]
+    # Signal only once the load is really flowing (the machine may be busy).
+    deadline = time.monotonic() + 30
+    while progress[0] < 300 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
     server.proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 30
     while server.proc.poll() is None and time.monotonic() < deadline:

@@ -1,4 +1,7 @@
-"""The SQLite store: schema migrations, private files, atomic batches."""
+"""The storage contract on every backend: migrations, atomic batches, generic access.
+
+Each test taking ``backend_settings`` runs on SQLite and on PostgreSQL.
+"""
 
 from __future__ import annotations
 
@@ -48,34 +51,86 @@ def sqlite_settings(tmp_path: Path) -> Settings:
     return make_settings(tmp_path)
 
 
-async def test_schema_is_migrated_once_and_file_is_private(sqlite_settings: Settings) -> None:
+async def test_schema_is_migrated_once(backend_settings: Settings) -> None:
     for _ in range(2):
-        storage = open_storage(sqlite_settings)
+        storage = open_storage(backend_settings)
         await storage.open()
-        assert await storage.schema_version() >= 1
+        assert await storage.schema_version() >= 4
+        versions = await storage.fetch_all("SELECT version, name FROM schema_version")
         await storage.close()
         await storage.close()  # safe twice
+    assert len(versions) == len({r["version"] for r in versions})
+    assert {(1, "core"), (2, "auth_audit"), (4, "blocks")} <= {
+        (r["version"], r["name"]) for r in versions
+    }
+
+
+async def test_sqlite_file_is_private_and_in_wal_mode(sqlite_settings: Settings) -> None:
+    storage = open_storage(sqlite_settings)
+    await storage.open()
+    await storage.close()
     db = Path(sqlite_settings.storage.path)
     assert stat.S_IMODE(db.stat().st_mode) == 0o600
-    versions = rows(db, "SELECT version FROM schema_version")
-    assert len(versions) == len({r[0] for r in versions})
     assert rows(db, "PRAGMA journal_mode")[0][0] == "wal"
 
 
-async def test_batch_is_all_or_nothing(sqlite_settings: Settings) -> None:
-    storage = open_storage(sqlite_settings)
+async def test_batch_is_all_or_nothing(backend_settings: Settings) -> None:
+    storage = open_storage(backend_settings)
     await storage.open()
-    await storage.write_batch(
-        Batch(hits=[sample_row()], pixel_counts={("2026-01-01", "/", "absent"): 2})
-    )
-    with pytest.raises(StorageError):
-        # the second row violates NOT NULL: the first must not be stored either
-        await storage.write_batch(Batch(hits=[sample_row(ts_ms=2), sample_row(ip=None)]))
-    await storage.write_batch(Batch(pixel_counts={("2026-01-01", "/", "absent"): 3}))
-    await storage.close()
-    db = Path(sqlite_settings.storage.path)
-    assert [r[0] for r in rows(db, "SELECT ts_ms FROM hits")] == [1]
-    assert rows(db, "SELECT hits FROM pixel_counts")[0][0] == 5
+    try:
+        await storage.write_batch(
+            Batch(hits=[sample_row()], pixel_counts={("2026-01-01", "/", "absent"): 2})
+        )
+        with pytest.raises(StorageError):
+            # the second row violates NOT NULL: the first must not be stored either
+            await storage.write_batch(Batch(hits=[sample_row(ts_ms=2), sample_row(ip=None)]))
+        await storage.write_batch(Batch(pixel_counts={("2026-01-01", "/", "absent"): 3}))
+        assert await storage.fetch_all("SELECT ts_ms FROM hits") == [{"ts_ms": 1}]
+        assert await storage.fetch_one("SELECT hits FROM pixel_counts") == {"hits": 5}
+    finally:
+        await storage.close()
+
+
+async def test_generic_access_is_portable(backend_settings: Settings) -> None:
+    storage = open_storage(backend_settings)
+    await storage.open()
+    try:
+        await storage.write_batch(
+            Batch(hits=[sample_row(ts_ms=t, ip=f"192.0.2.{t % 3}") for t in range(1, 11)])
+        )
+        by_ip = await storage.fetch_all(
+            # sum() of BIGINT is NUMERIC in PostgreSQL: cast it so '/' divides integers on both
+            "SELECT ip, count(*) AS n, sum(ts_ms) AS total, "
+            "CAST(sum(ts_ms) AS BIGINT) / count(*) AS mean "
+            "FROM hits WHERE ts_ms > ? GROUP BY ip ORDER BY ip",
+            [0],
+        )
+        # sum() is NUMERIC in PostgreSQL; callers get plain ints on both backends
+        assert by_ip == [
+            {"ip": "192.0.2.0", "n": 3, "total": 18, "mean": 6},
+            {"ip": "192.0.2.1", "n": 4, "total": 22, "mean": 5},
+            {"ip": "192.0.2.2", "n": 3, "total": 15, "mean": 5},
+        ]
+        assert all(type(v) is int for r in by_ip for k, v in r.items() if k != "ip")
+        assert await storage.fetch_one("SELECT ip FROM hits WHERE ts_ms = ?", [99]) is None
+        touched = await storage.execute(
+            "UPDATE hits SET city = ? WHERE ip = ? AND ts_ms <= ?", ["Almaty", "192.0.2.1", 7]
+        )
+        assert touched == 3
+        async with storage.transaction() as tx:
+            await tx.executemany(
+                "INSERT INTO blocks (kind, value, reason, created_at, created_by) "
+                "VALUES (?, ?, 'check', ?, 'test')",
+                [("ip", "192.0.2.1", 1), ("visitor", "v", 2)],
+            )
+            assert (await tx.fetch_one("SELECT count(*) AS n FROM blocks"))["n"] == 2  # type: ignore[index]
+        with pytest.raises(RuntimeError):
+            async with storage.transaction() as tx:
+                await tx.execute("DELETE FROM blocks")
+                raise RuntimeError("rolled back")
+        assert len(await storage.fetch_all("SELECT id FROM blocks")) == 2
+    finally:
+        await storage.close()
 
 
 async def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:

@@ -78,7 +78,7 @@ def governance_routes(app: CollectorApp) -> list[Route]:
     @guard.route("admin", action="subject.export", personal=True)
     async def export(request: Request, who: Principal) -> Response:
         subject = _subject(request, dict(request.query_params))
-        data = await subjects.export(app.storage, subject)
+        data = await subjects.export(app.storage, subject, app.consent_records.ip_hash)
         request.state.audit_detail["hits"] = len(data["hits"])
         return JSONResponse(data)
 
@@ -86,7 +86,11 @@ def governance_routes(app: CollectorApp) -> list[Route]:
     async def erase(request: Request, who: Principal) -> Response:
         subject = _subject(request, await _body(request))
         done = await subjects.erase(
-            app.storage, subject, app.settings.consent.secret, gov.rebuilders
+            app.storage,
+            subject,
+            app.settings.consent.secret,
+            gov.rebuilders,
+            app.consent_records.ip_hash,
         )
         request.state.audit_detail.update(done.as_dict())
         return JSONResponse({"subject": subject.as_dict(), **done.as_dict()})

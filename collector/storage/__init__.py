@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from collector.config import Settings
-from collector.errors import ConfigError
 from collector.storage.base import Aggregator, Storage
 
 
@@ -13,9 +12,27 @@ def open_storage(settings: Settings, aggregators: Sequence[Aggregator] = ()) -> 
     """The configured backend, not yet opened (call ``await storage.open()``).
 
     ``aggregators`` run inside every batch transaction (see ``base.Aggregator``).
+    PostgreSQL comes wrapped in the local spool that keeps hits through an outage.
     """
     if settings.storage.backend == "postgres":
-        raise ConfigError("storage.backend: the postgres backend is not available yet")
+        from collector.storage.postgres import PostgresStorage
+        from collector.storage.spool import SpoolingStorage
+
+        s = settings.storage
+        return SpoolingStorage(
+            PostgresStorage(settings, aggregators), s.spool_dir, s.spool_retry_ms
+        )
     from collector.storage.sqlite import SQLiteStorage
 
     return SQLiteStorage(settings, aggregators)
+
+
+async def drop_partitions_before(storage: Storage, ts_ms: int) -> int:
+    """Retention hook (5.1): drop whole daily partitions of hits older than ``ts_ms``.
+
+    On PostgreSQL this drops every day that ends at or before ``ts_ms`` and returns how
+    many; SQLite has no partitions and returns 0. Either way, delete the remaining rows
+    with ``DELETE FROM hits WHERE ts_ms < ?`` afterwards (cheap once the days are gone).
+    """
+    drop = getattr(storage, "drop_partitions_before", None)
+    return int(await drop(ts_ms)) if drop is not None else 0

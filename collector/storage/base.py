@@ -27,18 +27,32 @@ class RawHit(NamedTuple):
     policy_version: str
     cookies: tuple[tuple[str, str], ...]
     source: str = "web"
+    # App / server events (POST /collect); None for the pixel.
+    event_id: str | None = None
+    event_type: str | None = None
+    client_ts_ms: int | None = None
+    received_ms: int | None = None
+    time_flag: str | None = None
+    app_version: str | None = None
+    os_name: str | None = None
+    os_version: str | None = None
+    device_model: str | None = None
 
 
 class AnonHit(NamedTuple):
     """A request counted without personal data: no IP, no user agent, no cookie.
 
     ``state`` is the consent state: granted, refused, absent (no decision) or invalid
-    (tampered, malformed, expired or stale).
+    (tampered, malformed, expired or stale). ``ip`` and ``user_agent`` are set only when
+    ``[ipstats] without_consent`` is on (3.3.2 security counters): the writer turns the
+    user agent into a bot flag and discards it; neither is ever stored with the page.
     """
 
     ts_ms: int
     page: str
     state: str
+    ip: str = ""
+    user_agent: str = ""
 
 
 class HitRow(NamedTuple):
@@ -66,6 +80,14 @@ class HitRow(NamedTuple):
     consent_id: str
     policy_version: str
     source: str
+    # App / server events only (migration 0008); NULL for pixel hits.
+    event_id: str | None = None
+    event_type: str | None = None
+    client_ts_ms: int | None = None
+    received_ms: int | None = None
+    time_flag: str | None = None
+    app_version: str | None = None
+    device_model: str | None = None
 
 
 HIT_COLUMNS: tuple[str, ...] = HitRow._fields
@@ -80,6 +102,9 @@ class Batch:
 
     hits: Sequence[HitRow] = ()
     pixel_counts: PixelCounts = field(default_factory=dict)
+    # (ts_ms, ip, bot family or '') of requests without statistics consent, for the
+    # per-IP security counters (3.3.2); empty unless [ipstats] without_consent is on.
+    unconsented_ips: Sequence[tuple[int, str, str]] = ()
 
     def __len__(self) -> int:
         return len(self.hits)
@@ -94,7 +119,8 @@ class Aggregator(Protocol):
 
     Given a batch, return (sql, rows) pairs for ``executemany``; upserts that add to
     existing counts stay exact when several writers run at once. ``?`` placeholders;
-    the PostgreSQL backend rewrites them to ``$n``.
+    the PostgreSQL backend rewrites them to ``$n``. Qualify the old value in an upsert
+    (``SET n = t.n + excluded.n``): PostgreSQL rejects a bare ``n`` as ambiguous.
     """
 
     def __call__(self, batch: Batch, dialect: Dialect) -> Iterable[Statement]: ...
