@@ -463,3 +463,31 @@ def test_every_test_named_in_privacy_doc_exists() -> None:
     for file, function in named:
         source = (root / file).read_text()
         assert re.search(rf"^(async )?def {function}\(", source, re.M), f"{file}::{function}"
+
+
+async def test_governance_operations_run_on_every_backend(
+    backend_app: CollectorApp, backend_client: httpx.AsyncClient
+) -> None:
+    """Blocking, export, breach report, erasure and retention with portable SQL (SQLite and
+    PostgreSQL, where retention drops whole day partitions first)."""
+    app, client = backend_app, backend_client
+    admin = bearer(await app.tokens.create("root", "admin"))
+    await store(
+        app, hit_row(NOW - 400 * DAY), hit_row(NOW), hit_row(NOW, visitor=BOB, ip="1.1.1.1")
+    )
+    made = await client.post(
+        "/api/admin/blocks", json={"visitor": ALICE, "reason": "check"}, headers=admin
+    )
+    assert made.status_code == 201, made.text
+    assert await count(app, f"SELECT count(*) AS n FROM hits WHERE {VISIBLE}") == 1
+    day = time.strftime("%Y-%m-%d", time.gmtime(NOW / 1000))
+    report = await client.get(f"/api/admin/incident?from={day}&to=2100-01-01", headers=admin)
+    assert [s["visitor_id"] for s in report.json()["subjects"]] == [ALICE, BOB]
+    exported = await client.get(f"/api/admin/subjects?visitor={ALICE}", headers=admin)
+    assert len(exported.json()["hits"]) == 2
+    assert (await client.delete(f"/api/admin/blocks/{made.json()['id']}", headers=admin)).is_success
+    assert (await client.post("/api/admin/retention/run", headers=admin)).json() == {"rows": 1}
+    erased = await client.post("/api/admin/subjects/erase", json={"ip": "1.1.1.1"}, headers=admin)
+    assert erased.json()["hits"] == 1
+    assert await app.storage.fetch_all("SELECT visitor_id FROM hits") == [{"visitor_id": ALICE}]
+    assert (await app.audit.verify()).ok
