@@ -25,6 +25,7 @@ from starlette.staticfiles import StaticFiles
 from collector.aggregates import aggregators
 from collector.api.admin import admin_routes
 from collector.api.consent import consent_routes
+from collector.api.governance import governance_routes
 from collector.api.ip import ip_routes
 from collector.audit import AuditLog
 from collector.auth import ApiGuard, TokenStore
@@ -36,6 +37,7 @@ from collector.consent_records import ConsentRecords
 from collector.enrich import Enricher
 from collector.errors import CollectorError
 from collector.geo import GeoIP
+from collector.governance import Governance
 from collector.logs import configure_logging, redact
 from collector.metrics import Metrics
 from collector.pixel import Pixel, Receive, Scope, Send
@@ -76,6 +78,7 @@ class CollectorApp:
         self.writer.housekeeping.append(self._reload_geoip)
         self.pixel = Pixel(settings, self.codec, self.writer, self.metrics)
         self.audit = AuditLog(self.storage, settings.consent.secret)
+        self.governance = Governance(settings, self.storage, self.audit, self.writer, self.metrics)
         self.tokens = TokenStore(self.storage)
         self.guard = ApiGuard(
             self.tokens,
@@ -88,6 +91,7 @@ class CollectorApp:
                 Route("/healthz", self.healthz, methods=["GET"]),
                 Route("/metrics", self.prometheus, methods=["GET"]),
                 *admin_routes(self),
+                *governance_routes(self),
                 *self._consent_routes(),
                 *ip_routes(self),
                 *collect_routes(self),
@@ -112,6 +116,7 @@ class CollectorApp:
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         await self.storage.open()
         self.geoip.open()
+        await self.governance.start()
         await self.writer.start()
         await self.audit.record(
             actor="system", action="server.start", detail={"config": redact(self.settings)}
@@ -132,6 +137,7 @@ class CollectorApp:
     async def shutdown(self) -> None:
         """Drain the writer, then close storage and readers (safe twice)."""
         await self.writer.stop()
+        await self.governance.stop()
         await self.storage.close()
         self.geoip.close()
         logger.info("collector stopped", extra={"pid": os.getpid()})

@@ -189,6 +189,8 @@ class ApiGuard:
                     if exc.status == 429:
                         response.headers["retry-after"] = str(int(self.failures.window_s))
                 if principal is not None:
+                    # Endpoints that find their subject in a JSON body name it here.
+                    target = getattr(request.state, "audit_subject", None) or target
                     await self.audit.record(
                         actor=principal.name,
                         role=principal.role,
@@ -196,7 +198,11 @@ class ApiGuard:
                         subject=target if personal else None,
                         request_id=request_id,
                         outcome=str(response.status_code),
-                        detail={"path": request.url.path, "personal_data": personal},
+                        detail={
+                            "path": request.url.path,
+                            "personal_data": personal,
+                            **getattr(request.state, "audit_detail", {}),
+                        },
                     )
                 response.headers["x-request-id"] = request_id
                 return response

@@ -408,5 +408,9 @@ def check_config(settings: Settings) -> None:
     click.echo(json.dumps(redact(settings), indent=2, default=str))
 
 
+# Governance commands (block, erase, purge, backup, ...) live in their own module and
+# register themselves on ``main`` when imported.
+from collector import cli_governance  # noqa: E402, F401
+
 if __name__ == "__main__":  # pragma: no cover
     main()

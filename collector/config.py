@@ -117,6 +117,16 @@ class PrivacySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RetentionSettings:
+    # 5.1: raw hits live at most this many days; 0 means consent.period_days.
+    days: int = 0
+    mode: Literal["delete", "depersonalise"] = "delete"
+    # How often a running server applies retention; 0 leaves it to `collector purge`.
+    interval_minutes: float = 60.0
+    chunk_size: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
 class IpstatsSettings:
     # 3.3.2: per-IP security counters for requests without statistics consent. Off by
     # default; see docs/IP-STATISTICS.md for why.
@@ -162,6 +172,7 @@ class Settings:
     visitor: VisitorSettings = field(default_factory=VisitorSettings)
     geoip: GeoipSettings = field(default_factory=GeoipSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     ipstats: IpstatsSettings = field(default_factory=IpstatsSettings)
     fraud: FraudSettings = field(default_factory=FraudSettings)
     collect: CollectSettings = field(default_factory=CollectSettings)
@@ -342,6 +353,11 @@ def _validate(s: Settings) -> None:
     if s.privacy.max_url_length < 64:
         raise ConfigError("privacy.max_url_length: must be at least 64")
     positive("privacy.max_user_agent_length", s.privacy.max_user_agent_length)
+    if s.retention.days < 0:
+        raise ConfigError("retention.days: must not be negative (0 = consent.period_days)")
+    if s.retention.interval_minutes < 0:
+        raise ConfigError("retention.interval_minutes: must not be negative (0 = off)")
+    positive("retention.chunk_size", s.retention.chunk_size)
     positive("ipstats.without_consent_days", s.ipstats.without_consent_days)
     for key in FraudSettings.__dataclass_fields__:
         value = getattr(s.fraud, key)

@@ -1,0 +1,118 @@
+"""What a running server does for personal-data governance, started in the lifespan.
+
+- holds a shared lock on the SQLite file, so ``collector restore`` refuses while it runs;
+- keeps the in-memory block list fresh (6.2.4) and plugs it into the batch writer;
+- applies retention every ``retention.interval_minutes`` (5.1), audited when it acts.
+
+The operations themselves live in blocking.py, subjects.py, retention.py, incident.py
+and backup.py; the admin API and the CLI call them and record the audit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from pathlib import Path
+
+from collector import blocking, retention
+from collector.aggregates import rebuilders
+from collector.audit import AuditLog
+from collector.backup import DatabaseLock
+from collector.blocking import BlockList
+from collector.config import Settings
+from collector.errors import CollectorError
+from collector.metrics import Metrics
+from collector.storage.base import Storage
+from collector.subjects import Subject
+from collector.writer import BatchWriter
+
+logger = logging.getLogger(__name__)
+
+
+class Governance:
+    def __init__(
+        self,
+        settings: Settings,
+        storage: Storage,
+        audit: AuditLog,
+        writer: BatchWriter,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.audit = audit
+        self.rebuilders = rebuilders(settings)
+        dropped = metrics.hits_dropped.labels("blocked")
+        self.blocklist = BlockList(storage, on_drop=dropped.inc)
+        writer.filters.append(self.blocklist.keep)
+        self.settle_s = 4 * self.blocklist.refresh_s
+        self.lock = (
+            DatabaseLock(Path(settings.storage.path))
+            if settings.storage.backend == "sqlite"
+            else None
+        )
+        self._retention: asyncio.Task[None] | None = None
+        self._settling: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        if self.lock is not None:
+            await self.lock.acquire_shared()
+        await self.blocklist.start()
+        minutes = self.settings.retention.interval_minutes
+        if minutes > 0 and self._retention is None:
+            self._retention = asyncio.create_task(
+                self._retain_every(minutes * 60), name="collector-retention"
+            )
+
+    def settle_later(self, subject: Subject, since_ms: int) -> None:
+        """After a block, rebuild rollups again once every process has seen it."""
+        task = asyncio.create_task(
+            blocking.settle(self.storage, subject, since_ms, self.settle_s, self.rebuilders)
+        )
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._retention, *self._settling) if t is not None]
+        self._retention = None
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.blocklist.stop()
+        if self.lock is not None:
+            self.lock.release()
+
+    async def apply_retention(self) -> int:
+        """One retention run; audited when it changed something or failed."""
+        plan = await retention.plan(self.storage, self.settings)
+        if not plan.pending:
+            return 0
+        try:
+            done = await retention.purge(self.storage, plan, self.settings.retention.chunk_size)
+        except CollectorError as exc:
+            await self.audit.record(
+                actor="system",
+                action="retention.run",
+                outcome="error",
+                detail={**plan.as_dict(), "error": exc.detail},
+            )
+            raise
+        await self.audit.record(
+            actor="system", action="retention.run", detail={**plan.as_dict(), "rows": done}
+        )
+        logger.info("retention: %s %d hits older than %d days", plan.mode, done, plan.days)
+        return done
+
+    async def _retain_every(self, interval_s: float) -> None:
+        # Start soon after boot, jittered so several workers do not all start at once.
+        await asyncio.sleep(min(interval_s, 30.0) * random.uniform(0.5, 1.0))
+        while True:
+            try:
+                await self.apply_retention()
+            except CollectorError as exc:
+                logger.error("retention run failed, will retry: %s", exc.detail)
+            await asyncio.sleep(interval_s)
