@@ -87,9 +87,7 @@ def build_mix(
     seed: int = 42,
 ) -> Mix:
     rnd = random.Random(seed)
-    codec = ConsentCodec(
-        load_settings(None, environ={"COLLECTOR_CONSENT_SECRET": secret}).consent
-    )
+    codec = ConsentCodec(load_settings(None, environ={"COLLECTOR_CONSENT_SECRET": secret}).consent)
     name = "kdv_consent"
     other = "_ga=GA1.2.{}.{}; cart=3; theme=dark"
     consented = []

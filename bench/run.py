@@ -52,7 +52,7 @@ class Server:
     ) -> None:
         self.name = name
         self.port = _free_port()
-        self.log = open(work / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.log = open(work / f"{name}.log", "wb")
         pin = ["taskset", "-c", cpu] if cpu is not None else []
         self.proc = subprocess.Popen(
             [*pin, sys.executable, *argv, "--port", str(self.port)],
@@ -219,7 +219,7 @@ def summarize_profile(raw: Path, top: int = 25) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a script, read top to bottom
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=10)
@@ -443,9 +443,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a script, read t
     print(f"RSS over {m['hits_served']} hits: max {m['rss_max_mb']:.0f} MB")
     if "workers" in results:
         w = results["workers"]
-        print(
-            f"--workers 2: {w['w2_rps']:.0f} vs {w['w1_rps']:.0f} req/s: x{w['factor']:.2f}"
-        )
+        print(f"--workers 2: {w['w2_rps']:.0f} vs {w['w1_rps']:.0f} req/s: x{w['factor']:.2f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
     return 0 if ok else 1
