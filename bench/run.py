@@ -95,6 +95,15 @@ class Server:
                 pass
         return total / 1024
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) used by the server process so far.
+
+        Per request, this is the figure that survives a noisy machine: other processes
+        steal wall time from the server, not CPU time charged to it.
+        """
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -185,6 +194,17 @@ class RssSampler(threading.Thread):
             self.samples.append(self.server.rss_mb())
 
 
+class DepthSampler(RssSampler):
+    """The writer's queue depth during a run: a writer that falls behind shows here."""
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every):
+            try:
+                self.samples.append(queue_depth(self.server))
+            except OSError:
+                pass
+
+
 def _ms(us: float) -> str:
     return f"{us / 1000:.2f}"
 
@@ -230,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", type=Path, help="py-spy raw output file for a collector round")
     ap.add_argument("--micro", action="store_true", help="also run the micro-benchmarks")
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--baseline", type=Path, help="also run the collector from this source tree")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args(argv)
     if shutil.which("wrk") is None:
@@ -257,26 +278,48 @@ def main(argv: list[str] | None = None) -> int:
         wrk(bare.url, data, 3, connections=args.connections)
         served += wrk(coll.url, data, 3, connections=args.connections)["requests"]
 
-        runs: dict[str, list[dict[str, Any]]] = {"bare": [], "collector": []}
+        contenders: list[tuple[str, Server, Path | None]] = [
+            ("bare", bare, None),
+            ("collector", coll, db),
+        ]
+        if args.baseline:
+            # The same collector from another source tree (e.g. `git archive` of main),
+            # to measure a code change A/B in the same run.
+            base_db = work / "baseline.db"
+            base_env = {**collector_env(base_db), "PYTHONPATH": str(args.baseline.resolve())}
+            base = start_collector(work, base_env, tag="-baseline")
+            servers.append(base)
+            contenders.append(("baseline", base, base_db))
+            wrk(base.url, data, 3, connections=args.connections)
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in contenders}
         checks: list[dict[str, Any]] = []
         for r in range(args.rounds):
-            order = [("bare", bare), ("collector", coll)]
-            if r % 2:
-                order.reverse()
-            for name, server in order:
-                if name == "collector":
-                    wait_flushed(coll)
-                    before, before_states = db_counts(db)
+            order = contenders[r % len(contenders) :] + contenders[: r % len(contenders)]
+            for name, server, server_db in order:
+                if server_db is not None:
+                    wait_flushed(server)
+                    before, before_states = db_counts(server_db)
+                    depth = DepthSampler(server)
+                    depth.start()
+                cpu = server.cpu_s()
                 res = wrk(server.url, data, args.duration, connections=args.connections)
+                if server_db is not None:
+                    wait_flushed(server)  # the writer's work belongs to these requests
+                res["cpu_us"] = (server.cpu_s() - cpu) / res["requests"] * 1e6
                 runs[name].append(res)
                 line = (
                     f"round {r + 1} {name:9} {res['rps']:9.0f} req/s  "
-                    f"p50 {_ms(res['p50_us'])} ms  p99 {_ms(res['p99_us'])} ms"
+                    f"p50 {_ms(res['p50_us'])} ms  p99 {_ms(res['p99_us'])} ms  "
+                    f"cpu {res['cpu_us']:.0f} us/req"
                 )
-                if name == "collector":
-                    served += res["requests"]
-                    wait_flushed(coll)
-                    after, after_states = db_counts(db)
+                if server_db is not None:
+                    depth.stopped.set()
+                    depth.join()
+                    res["max_queue_depth"] = max(depth.samples, default=0)
+                    if server is coll:
+                        served += res["requests"]
+                    wait_flushed(server)
+                    after, after_states = db_counts(server_db)
                     rows = after - before
                     granted = after_states["granted"] - before_states["granted"]
                     counted = sum(after_states.values()) - sum(before_states.values())
@@ -290,10 +333,11 @@ def main(argv: list[str] | None = None) -> int:
                         and res["other_status"] == 0
                     )
                     ok &= good
-                    checks.append({"rows": rows, "granted_counted": granted, **res})
+                    checks.append({"server": name, "rows": rows, "granted_counted": granted, **res})
                     line += (
                         f"  rows {rows} (consented 200s read {res['ok_consented']}, "
-                        f"sent {res['sent_consented']}) {'ok' if good else 'MISMATCH'}"
+                        f"sent {res['sent_consented']}) {'ok' if good else 'MISMATCH'}; "
+                        f"max queue {res['max_queue_depth']}"
                     )
                 print(line, flush=True)
         summary: dict[str, Any] = {}
@@ -302,10 +346,22 @@ def main(argv: list[str] | None = None) -> int:
                 "rps": _med([x["rps"] for x in rs]),
                 "p50_ms": _med([x["p50_us"] for x in rs]) / 1000,
                 "p99_ms": _med([x["p99_us"] for x in rs]) / 1000,
+                "cpu_us_per_request": _med([x["cpu_us"] for x in rs]),
             }
         ratios = [c["rps"] / b["rps"] for b, c in zip(runs["bare"], runs["collector"], strict=True)]
         summary["ratio_per_round"] = ratios
         summary["ratio_median"] = _med(ratios)
+        summary["cpu_ratio"] = summary["bare"]["cpu_us_per_request"] / max(
+            summary["collector"]["cpu_us_per_request"], 1e-9
+        )
+        if args.baseline:
+            summary["collector_vs_baseline"] = _med(
+                [
+                    c["rps"] / b["rps"]
+                    for b, c in zip(runs["baseline"], runs["collector"], strict=True)
+                ]
+            )
+            print(f"collector/baseline (median of rounds): {summary['collector_vs_baseline']:.2f}")
         results["load"] = summary
         results["load_checks"] = checks
 
@@ -428,13 +484,17 @@ def main(argv: list[str] | None = None) -> int:
         results["micro_writer"] = micro_writer.main([])
 
     load = results["load"]
-    print("\n| | req/s | p50 ms | p99 ms |\n|---|---:|---:|---:|")
-    for name in ("bare", "collector"):
+    print("\n| | req/s | p50 ms | p99 ms | CPU us/req |\n|---|---:|---:|---:|---:|")
+    for name in runs:
         x = load[name]
-        print(f"| {name} | {x['rps']:.0f} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} |")
+        print(
+            f"| {name} | {x['rps']:.0f} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} "
+            f"| {x['cpu_us_per_request']:.1f} |"
+        )
     print(
         f"\ncollector/bare: {load['ratio_median']:.2f} "
-        f"(rounds: {', '.join(f'{r:.2f}' for r in load['ratio_per_round'])})"
+        f"(rounds: {', '.join(f'{r:.2f}' for r in load['ratio_per_round'])}); "
+        f"by CPU per request: {load['cpu_ratio']:.2f}"
     )
     h = results["half_rate"]
     print(f"p99 at {h['rps']:.0f} req/s (half peak): {h['p99_ms']:.2f} ms")
