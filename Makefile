@@ -33,6 +33,7 @@ test: install system-deps lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install system-deps
+	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) -m bench.run $(BENCH_ARGS)
 
 # Debian packages the tests and benchmarks use (installed only when missing, as root).

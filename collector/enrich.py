@@ -7,7 +7,6 @@ it runs once per hit. The pixel itself only gathers raw facts; the batch writer 
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import json
 import re
@@ -59,6 +58,11 @@ _SCRIPT_FAMILIES = frozenset(
 
 # --- client IP -----------------------------------------------------------------------
 
+# Resolved proxy headers, memoised: real ones are a few dozen bytes; longer ones are
+# parsed every time, so a full cache of hostile headers stays under ~20 MB.
+_CHAIN_CACHE = 65_536
+_CHAIN_CACHE_KEY = 128
+
 
 def normalize_ip(text: str) -> str | None:
     """Canonical text of an address, IPv4-mapped IPv6 folded to IPv4; None if invalid."""
@@ -82,6 +86,9 @@ class ClientIP:
     def __init__(self, trusted_proxies: Sequence[str]) -> None:
         self._networks = [ipaddress.ip_network(c, strict=False) for c in trusted_proxies]
         self._peer_cache: dict[str, tuple[str, bool]] = {}
+        # Headers repeat per visitor (every page, every ad block); parsing them with
+        # ipaddress costs microseconds per request on the hot path.
+        self._chain_cache: dict[tuple[str | None, str | None], str | None] = {}
 
     def _is_trusted(self, ip: str) -> bool:
         addr = ipaddress.ip_address(ip)
@@ -99,13 +106,28 @@ class ClientIP:
 
     def resolve(self, peer: str | None, xff: str | None, forwarded: str | None) -> str:
         ip, trusted = self._peer(peer or "0.0.0.0")
-        if not trusted:
+        if not trusted or not (xff or forwarded):
             return ip
+        if len(xff or "") + len(forwarded or "") > _CHAIN_CACHE_KEY:
+            client = self._from_headers(xff, forwarded)
+            return ip if client is None else client
+        key = (xff, forwarded)
+        try:
+            client = self._chain_cache[key]
+        except KeyError:
+            client = self._from_headers(xff, forwarded)
+            if len(self._chain_cache) >= _CHAIN_CACHE:
+                self._chain_cache.clear()
+            self._chain_cache[key] = client
+        return ip if client is None else client
+
+    def _from_headers(self, xff: str | None, forwarded: str | None) -> str | None:
+        """The client named by the proxy headers, or None to fall back to the peer."""
         chain = _parse_xff(xff) if xff else None
         if chain is None and forwarded:
             chain = _parse_forwarded(forwarded)
         if not chain:
-            return ip
+            return None
         for hop in reversed(chain):
             if not self._is_trusted(hop):
                 return hop
@@ -170,6 +192,8 @@ class UrlSanitizer:
         self._allow = tuple(privacy.url_query_allowlist)
         self._max = privacy.max_url_length
         self.clean = lru_cache(maxsize=16_384)(self._clean)
+        # The writer asks for the path of every hit (the anonymous counters); pages repeat.
+        self.path = lru_cache(maxsize=16_384)(self._path)
 
     def _allowed(self, key: str) -> bool:
         return any(fnmatchcase(key, pattern) for pattern in self._allow)
@@ -202,7 +226,7 @@ class UrlSanitizer:
         cleaned = urlunsplit((parts.scheme.lower(), netloc, path or "/", query, ""))
         return cleaned[: self._max]
 
-    def path(self, raw: str) -> str:
+    def _path(self, raw: str) -> str:
         """The path alone, for the anonymous counter; '(none)' when there is no page."""
         cleaned = self.clean(raw) if raw else None
         if cleaned is None:
@@ -302,6 +326,9 @@ def make_ua_parser(cache_size: int = 16_384) -> Callable[[str], Browser]:
 # --- the writer's step ---------------------------------------------------------------
 
 
+_Agent = tuple[str, str, str, str, str, str, str, str]
+
+
 class Enricher:
     """Build the stored row for a consented hit (runs in the batch writer, not the request)."""
 
@@ -310,57 +337,70 @@ class Enricher:
         self.ua = make_ua_parser()
         self.geoip = geoip
         self._max_ua = settings.privacy.max_user_agent_length
+        # Raw header -> the stored columns for it: one dict lookup per hit for repeat
+        # agents instead of a regex pass, a slice and a second cache lookup.
+        self._agent = lru_cache(maxsize=16_384)(self._agent_columns)
 
     def geo(self, ip: str) -> GeoInfo:
         return self.geoip.lookup(ip)
 
+    def _agent_columns(self, raw: str) -> _Agent:
+        ua = _CONTROL.sub("", raw)[: self._max_ua]
+        b = self.ua(ua)
+        return (
+            ua,
+            b.family,
+            b.version,
+            b.os_family,
+            b.os_version,
+            b.device_family,
+            b.device_brand,
+            b.device_class,
+        )
+
+    def _app_agent(self, agent: _Agent, hit: RawHit) -> _Agent:
+        """An app's own declaration beats its HTTP client's UA (see app_device.py)."""
+        ua, family, version, os_family, os_version, dev_family, brand, dev_class = agent
+        if hit.os_name or hit.device_model:
+            d = app_device(self.ua, hit.os_name or "", hit.os_version or "", hit.device_model or "")
+            return (ua, family, version, *d)
+        if dev_class == "bot" and hit.source == "app":
+            # An app that declares nothing still is an app, not its HTTP library (okhttp).
+            return (ua, family, version, os_family, os_version, dev_family, brand, "mobile")
+        return agent
+
     def row(self, hit: RawHit) -> HitRow:
-        ua = _CONTROL.sub("", hit.user_agent)[: self._max_ua]
-        browser = self.ua(ua)
+        # Runs on the event loop for every consented hit, so it is written for speed:
+        # cached lookups and one positional tuple in HIT_COLUMNS order.
         geo = self.geoip.lookup(hit.ip)
         clean = self.urls.clean
-        page = clean(hit.page) if hit.page else None
-        if hit.os_name or hit.device_model:
-            # An app's own declaration beats its HTTP client's UA (see app_device.py).
-            browser = dataclasses.replace(
-                browser,
-                **app_device(
-                    self.ua, hit.os_name or "", hit.os_version or "", hit.device_model or ""
-                )._asdict(),
-            )
-        elif hit.source == "app" and browser.device_class == "bot":
-            # An app that declares nothing still is an app, not its HTTP library (okhttp).
-            browser = dataclasses.replace(browser, device_class="mobile")
+        placement = hit.placement
+        agent = self._agent(hit.user_agent)
+        if hit.source != "web":
+            agent = self._app_agent(agent, hit)
         return HitRow(
-            ts_ms=hit.ts_ms,
-            ip=hit.ip,
-            visitor_id=hit.visitor_id,
-            session_id=hit.session_id,
-            cookies=_cookie_json(hit.cookies),
-            user_agent=ua,
-            browser_family=browser.family,
-            browser_version=browser.version,
-            os_family=browser.os_family,
-            os_version=browser.os_version,
-            device_family=browser.device_family,
-            device_brand=browser.device_brand,
-            device_class=browser.device_class,
-            page_url=page,
-            referrer_url=clean(hit.referrer) if hit.referrer else None,
-            placement_id=_CONTROL.sub("", hit.placement)[:128] or None,
-            country=geo.country,
-            region=geo.region,
-            city=geo.city,
-            consent_id=hit.consent_id,
-            policy_version=hit.policy_version,
-            source=hit.source,
-            event_id=hit.event_id,
-            event_type=hit.event_type,
-            client_ts_ms=hit.client_ts_ms,
-            received_ms=hit.received_ms,
-            time_flag=hit.time_flag,
-            app_version=hit.app_version,
-            device_model=hit.device_model,
+            hit.ts_ms,
+            hit.ip,
+            hit.visitor_id,
+            hit.session_id,
+            _cookie_json(hit.cookies) if hit.cookies else None,
+            *agent,
+            clean(hit.page) if hit.page else None,
+            clean(hit.referrer) if hit.referrer else None,
+            (_CONTROL.sub("", placement)[:128] or None) if placement else None,
+            geo.country,
+            geo.region,
+            geo.city,
+            hit.consent_id,
+            hit.policy_version,
+            hit.source,
+            hit.event_id,
+            hit.event_type,
+            hit.client_ts_ms,
+            hit.received_ms,
+            hit.time_flag,
+            hit.app_version,
+            hit.device_model,
         )
 
 

@@ -14,6 +14,7 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -49,8 +50,43 @@ _MAX_PARAM = 8192
 _MAX_COOKIE_HEADER = 16_384
 
 
-def _new_id() -> str:
-    return os.urandom(16).hex()
+class _IdSource:
+    """Random 128-bit ids as hex, from one ``getrandom`` call per 256 ids.
+
+    ``os.urandom`` is a system call that releases the GIL; with the writer's SQLite thread
+    busy, getting the GIL back cost ~20 us per id (NOTES-PERFORMANCE.md). The bytes are the
+    same kernel CSPRNG output, fetched in bulk.
+    """
+
+    __slots__ = ("_hex", "_pos")
+
+    _BYTES = 4096
+
+    def __init__(self) -> None:
+        self._hex = ""
+        self._pos = 0
+
+    def __call__(self) -> str:
+        pos = self._pos
+        if pos == len(self._hex):
+            self._hex = os.urandom(self._BYTES).hex()
+            pos = 0
+        self._pos = pos + 32
+        return self._hex[pos : pos + 32]
+
+
+@lru_cache(maxsize=4096)
+def _unquote_short(value: str) -> str:
+    return unquote_plus(value, errors="replace")
+
+
+def _unquote(value: str) -> str:
+    # Pages and referrers repeat across visitors; decoding is a pure function, so short
+    # values (nearly all of them) are memoised. Long ones are not, so that hostile input
+    # cannot grow the cache past ~4096 x 1 KB.
+    if len(value) <= 512:
+        return _unquote_short(value)
+    return unquote_plus(value, errors="replace")
 
 
 def parse_pixel_query(qs: bytes) -> tuple[str, str, str]:
@@ -61,11 +97,11 @@ def parse_pixel_query(qs: bytes) -> tuple[str, str, str]:
     for part in qs[: _MAX_PARAM * 3].decode("latin-1").split("&"):
         key, _, value = part.partition("=")
         if key == "u" and not u:
-            u = unquote_plus(value[:_MAX_PARAM], errors="replace")
+            u = _unquote(value[:_MAX_PARAM])
         elif key == "r" and not r:
-            r = unquote_plus(value[:_MAX_PARAM], errors="replace")
+            r = _unquote(value[:_MAX_PARAM])
         elif key == "e" and not e:
-            e = unquote_plus(value[:512], errors="replace")
+            e = _unquote(value[:512])
     return u, r, e
 
 
@@ -123,6 +159,7 @@ class Pixel:
         self._start_plain = {"type": "http.response.start", "status": 200, "headers": _BASE_HEADERS}
         self._body = {"type": "http.response.body", "body": GIF}
         self._head_body = {"type": "http.response.body", "body": b""}
+        self._new_id = _IdSource()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         method = scope["method"]
@@ -193,10 +230,10 @@ class Pixel:
             return self._start_plain
         vid = cookies.get(self.vid_name, "")
         if not _ID.match(vid):
-            vid = _new_id()
+            vid = self._new_id()
         sid = cookies.get(self.sid_name, "")
         if not _ID.match(sid):
-            sid = _new_id()
+            sid = self._new_id()
         client = scope.get("client")
         ip = self.client_ip.resolve(client[0] if client else None, xff, forwarded)
         # 4.1.11: placement (ad-block) attribution only with advertising consent, and never
