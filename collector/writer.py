@@ -64,7 +64,7 @@ class BatchWriter:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._days: dict[int, str] = {}
-        self._recorded = metrics.hits_recorded.labels("web")
+        self._dropped_internal = metrics.hits_dropped.labels("internal_error")
         self._dropped_full = metrics.hits_dropped.labels("queue_full")
         self._dropped_err = metrics.hits_dropped.labels("storage_error")
         self._last_drop_log = 0.0
@@ -194,15 +194,22 @@ class BatchWriter:
         path = self.enricher.urls.path
         row = self.enricher.row
         for i, item in enumerate(items):
-            if isinstance(item, RawHit):
-                r = row(item)
-                rows.append(r)
-                counts[(self._day(item.ts_ms), _path_of(r.page_url, path), "granted")] += 1
-            else:
-                counts[(self._day(item.ts_ms), path(item.page), item.state)] += 1
-                if item.ip:  # 3.3.2 security counters: the user agent ends here
-                    agent = self.enricher.ua(item.user_agent[:512])
-                    unconsented.append((item.ts_ms, item.ip, agent.family if agent.is_bot else ""))
+            try:
+                if isinstance(item, RawHit):
+                    r = row(item)
+                    rows.append(r)
+                    counts[(self._day(item.ts_ms), _path_of(r.page_url, path), "granted")] += 1
+                else:
+                    counts[(self._day(item.ts_ms), path(item.page), item.state)] += 1
+                    if item.ip:  # 3.3.2 security counters: the user agent ends here
+                        agent = self.enricher.ua(item.user_agent[:512])
+                        bot = agent.family if agent.is_bot else ""
+                        unconsented.append((item.ts_ms, item.ip, bot))
+            except Exception:
+                # On purpose: one hit that trips a bug in enrichment must not stop the
+                # writer task, which would silently end all recording. Counted and logged.
+                self._dropped_internal.inc()
+                logger.exception("could not enrich a hit; it is dropped")
             if i % _ENRICH_SLICE == _ENRICH_SLICE - 1:
                 await asyncio.sleep(0)
         kept: Sequence[HitRow] = rows
@@ -235,13 +242,23 @@ class BatchWriter:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
+            except Exception:
+                # A bug (not an outage): retrying the same batch would fail forever and
+                # block every later hit, so this batch is dropped, counted and logged.
+                self._dropped_internal.inc(len(batch.hits))
+                logger.exception(
+                    "storing a batch failed unexpectedly; %d hits dropped", len(batch.hits)
+                )
+                return
             self.metrics.batch_seconds.observe(time.perf_counter() - started)
             break
         if not self.healthy:
             logger.warning("storage recovered; recording resumed")
         self.healthy = True
         self.last_error = None
-        self._recorded.inc(len(batch.hits))
+        if batch.hits:
+            for source, n in Counter(hit.source for hit in batch.hits).items():
+                self.metrics.hits_recorded.labels(source).inc(n)
         for (_, _, state), n in batch.pixel_counts.items():
             if state != "granted":
                 self.metrics.hits_without_consent.labels(state).inc(n)

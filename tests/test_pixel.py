@@ -363,3 +363,25 @@ async def test_full_queue_drops_are_counted_not_raised(
         assert 'collector_hits_dropped_total{reason="queue_full"} 3.0' in text
         await app.writer.flush()
         assert await values(app, "SELECT count(*) AS n FROM hits") == [(2,)]
+
+
+async def test_a_hit_that_trips_an_enrichment_bug_is_dropped_not_the_writer(
+    app: CollectorApp, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_row = app.enricher.row
+
+    def buggy(hit):  # type: ignore[no-untyped-def]
+        if "boom" in hit.page:
+            raise ValueError("a bug in enrichment")
+        return real_row(hit)
+
+    monkeypatch.setattr(app.enricher, "row", buggy)
+    cookie = f"kdv_consent={consent_value(app, 1)}"
+    for page in ("https://s.kz/ok1", "https://s.kz/boom", "https://s.kz/ok2"):
+        assert_gif(await hit(client, cookie=cookie, params={"u": page}))
+    await app.writer.flush()
+    stored = await app.storage.fetch_all("SELECT page_url FROM hits ORDER BY id")
+    assert [r["page_url"] for r in stored] == ["https://s.kz/ok1", "https://s.kz/ok2"]
+    text = (await client.get("/metrics")).text
+    assert 'collector_hits_dropped_total{reason="internal_error"} 1.0' in text
+    assert (await client.get("/healthz")).json()["writer"]["healthy"] is True
