@@ -1,8 +1,9 @@
 """The benchmark's request mix, shared by the wrk script and our own load client.
 
 Realistic for the store: user agents from ../shared/ua/top_user_agents.txt, 70% of
-requests with a valid statistics consent (half of those returning visitors with their
-visitor and session cookies), 30% without (no decision, a signed refusal, a tampered
+requests with a valid statistics consent from 2,000 visitors who each keep one user agent,
+one address and their cookies across hits (9 in 10 returning, with visitor and session
+cookies), 30% without (no decision, a signed refusal, a tampered
 cookie, or a refusal from a visitor who still carries a visitor id), thousands of pages
 with tracking parameters to strip, and many client IPs behind a trusted proxy
 (``X-Forwarded-For``), some of them inside the GeoIP test databases' ranges.
@@ -56,17 +57,28 @@ class Mix:
         lines += [f"I\t{v}" for v in self.ips]
         path.write_text("\n".join(lines) + "\n", encoding="latin-1")
 
+    def visitor(self, k: int) -> tuple[str, str]:
+        """The user agent and address of consented visitor ``k``: one browser keeps both
+        across its hits (the Lua script pairs them the same way)."""
+        return self.user_agents[k % len(self.user_agents)], self.ips[k % len(self.ips)]
+
     def requests(self, n: int, seed: int = 1) -> list[tuple[bytes, bool]]:
         """``n`` raw HTTP/1.1 requests and whether each carries statistics consent."""
         rnd = random.Random(seed)
         out = []
         for i in range(1, n + 1):
             consented = i % 10 < CONSENTED_PER_10
-            cookie = rnd.choice(self.consented if consented else self.unconsented)
+            ua, ip = rnd.choice(self.user_agents), rnd.choice(self.ips)
+            if consented:
+                k = rnd.randrange(len(self.consented))
+                cookie = self.consented[k]
+                ua, ip = self.visitor(k)
+            else:
+                cookie = rnd.choice(self.unconsented)
             head = (
                 f"GET /p.gif?{rnd.choice(self.queries)} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                f"User-Agent: {rnd.choice(self.user_agents)}\r\n"
-                f"X-Forwarded-For: {rnd.choice(self.ips)}\r\n"
+                f"User-Agent: {ua}\r\n"
+                f"X-Forwarded-For: {ip}\r\n"
             )
             if cookie:
                 head += f"Cookie: {cookie}\r\n"
@@ -94,7 +106,9 @@ def build_mix(
     for v in range(visitors):
         value = codec.encode(codec.issue(1 | (2 if v % 3 == 0 else 0)))
         cookie = f"{other.format(rnd.getrandbits(30), rnd.getrandbits(30))}; {name}={value}"
-        if v % 2 == 0:  # a returning visitor
+        # A returning visitor carries the ids from an earlier hit. wrk stores no cookies, so a
+        # "new" visitor here is new on every hit; 9 in 10 returning keeps that realistic.
+        if v % 10 != 0:
             cookie += f"; kdv_vid={_hex(rnd)}; kdv_sid={_hex(rnd)}"
         consented.append(cookie)
     unconsented = []

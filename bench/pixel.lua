@@ -46,7 +46,12 @@ function request()
   }
   local cookie
   if n % 10 < 7 then
-    cookie = yes[math.random(#yes)]
+    -- A consented visitor is one browser: the same cookies, user agent and address on
+    -- every hit (bench/mix.py, Mix.visitor).
+    local k = math.random(#yes)
+    cookie = yes[k]
+    headers["User-Agent"] = uas[(k - 1) % #uas + 1]
+    headers["X-Forwarded-For"] = ips[(k - 1) % #ips + 1]
     sent_yes = sent_yes + 1
   else
     cookie = no[math.random(#no)]

@@ -37,7 +37,12 @@ def configure_logging(server: ServerSettings) -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     # Access lines carry client IPs and page URLs (personal data, 1.1.2): off unless asked.
-    logging.getLogger("uvicorn.access").disabled = not server.access_log
+    access = logging.getLogger("uvicorn.access")
+    access.disabled = not server.access_log
+    # uvicorn decides per connection from hasHandlers() whether to format an access line
+    # (client address, quoted path) before the logger drops it: without a handler in
+    # reach it skips that work on every request.
+    access.propagate = server.access_log
     # aiosqlite's debug lines print every statement's bound parameters: whole hit rows
     # (IPs, visitor ids, 1.1.2) and token hashes. Never below INFO, whatever log_level says.
     logging.getLogger("aiosqlite").setLevel(max(logging.INFO, root.level))
