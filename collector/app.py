@@ -19,10 +19,12 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from collector.aggregates import aggregators
 from collector.api.admin import admin_routes
+from collector.api.stats import stats_routes
 from collector.audit import AuditLog
 from collector.auth import ApiGuard, TokenStore
 from collector.config import Settings, load_settings, resolve_secret
@@ -32,6 +34,7 @@ from collector.errors import CollectorError
 from collector.geo import GeoIP
 from collector.logs import configure_logging, redact
 from collector.metrics import Metrics
+from collector.openapi import openapi_route
 from collector.pixel import Pixel, Receive, Scope, Send
 from collector.storage import open_storage
 from collector.writer import BatchWriter
@@ -78,6 +81,10 @@ class CollectorApp:
                 Route("/healthz", self.healthz, methods=["GET"]),
                 Route("/metrics", self.prometheus, methods=["GET"]),
                 *admin_routes(self),
+                *stats_routes(self),
+                openapi_route(lambda: self.starlette.routes),
+                Mount("/dashboard", StaticFiles(directory=STATIC_DIR / "dashboard", html=True)),
+                Mount("/static/vendor", StaticFiles(directory=STATIC_DIR / "vendor")),
             ],
             exception_handlers={
                 CollectorError: _collector_error,

@@ -91,6 +91,12 @@ class PrivacySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class StatsSettings:
+    # 3.4, 6.2.2: groups with fewer distinct visitors are merged into "other"
+    min_visitors: int = 5
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -98,6 +104,7 @@ class Settings:
     visitor: VisitorSettings = field(default_factory=VisitorSettings)
     geoip: GeoipSettings = field(default_factory=GeoipSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    stats: StatsSettings = field(default_factory=StatsSettings)
     # Where the settings came from, for the start-up log line; not a config key.
     source: str = field(default="defaults", compare=False)
 
@@ -251,6 +258,7 @@ def _validate(s: Settings) -> None:
     if s.privacy.max_url_length < 64:
         raise ConfigError("privacy.max_url_length: must be at least 64")
     positive("privacy.max_user_agent_length", s.privacy.max_user_agent_length)
+    positive("stats.min_visitors", s.stats.min_visitors)
 
 
 def resolve_secret(settings: Settings) -> Settings:
