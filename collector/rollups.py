@@ -10,19 +10,24 @@ Dimensions: page (path of the page URL, the same path as ``pixel_counts``), refe
 domain, placement id, browser family, OS family, device class, country and source
 (web/app/server), plus ``total``. Tables (migration 0005):
 
-- ``rollup_hits``: hits per bucket and value; one-dimensional per hour and per day, and
-  per day restricted to one value of one filter dimension (page, placement, country,
-  device_class, source), so a query with one filter never reads raw hits.
+- ``rollup_hits``: hits per bucket and value. One-dimensional per day for every
+  dimension and per hour for ``HOURLY``; per day crossed with one filter value
+  (``CROSS_FILTERS`` x ``CROSS_DIMENSIONS``), so a query with one filter never reads raw
+  hits. Page is left out of the cross product: with thousands of paths it made the
+  rollups larger than the hits and writes several times slower (measured, see
+  docs/PERFORMANCE-stats.md).
 - ``vbits`` on every row: a 63-bit linear-counting bitmap of hashed visitor ids, merged by
   OR. Its popcount is a *lower bound* of the distinct visitors (two visitors can share a
   bit, one visitor never sets two), so small-count suppression (k) that trusts it can
   only err towards hiding more.
-- ``rollup_hll``: HyperLogLog sketches (p = 10: 1,024 registers, standard error
-  1.04/sqrt(1024) = 3.3 %; below ~2,500 visitors linear counting on the registers is
-  used, near-exact for small groups) per UTC day and one-dimensional value, stored sparse
-  as one row per touched register and merged across days by MAX(rho). Sketches rather
-  than exact visitor tables because rollups outlive the raw hits (retention purges hits,
-  rollups stay): a sketch keeps no visitor id, not even a hash of one.
+- ``rollup_hll``: HyperLogLog sketches (p = 9: 512 registers, standard error
+  1.04/sqrt(512) = 4.6 %; below ~1,300 visitors linear counting on the registers is used,
+  near-exact for small groups) per UTC day and value of the ``SKETCHED`` dimensions,
+  stored sparse as one row per touched register and merged across days by MAX(rho).
+  Sketches rather than exact visitor tables because rollups outlive the raw hits
+  (retention purges hits, rollups stay): a sketch keeps no visitor id, not even a hash
+  of one. Page and referrer have no sketch (one row per page and visitor and day would
+  again rival the hits table); their visitor counts are not offered.
 
 Hashes are BLAKE2b-64 of the visitor id with a fixed key, so every worker and a rebuild
 agree. Blocked subjects (6.2.4): hits dropped by writer filters never reach the

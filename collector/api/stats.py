@@ -114,7 +114,13 @@ _DATE = {"type": "string", "format": "date"}
 _NULLABLE_INT = {"type": "integer", "nullable": True}
 _NULLABLE_NUM = {"type": "number", "nullable": True}
 _COMMON = [
-    openapi.query("from", _DATE, "First day (UTC, inclusive); default: 29 days before `to`."),
+    openapi.query(
+        "from",
+        _DATE,
+        "First day (UTC, inclusive); default: 29 days before `to`. The range may span at "
+        f"most {stats.MAX_DAYS} days ({stats.MAX_HOUR_DAYS} with granularity=hour); "
+        "`from` after `to` is a 400.",
+    ),
     openapi.query("to", _DATE, "Last day (UTC, inclusive); default: today."),
     *(
         openapi.query(name, {"type": "string", "minLength": 1, "maxLength": 512}, desc)

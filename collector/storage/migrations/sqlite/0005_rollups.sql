@@ -2,9 +2,9 @@
 -- IP, visitor id or user agent. Kept on write by collector/rollups.py.
 --
 -- rollup_hits: hits per time bucket and dimension value. fdim/fvalue = '' is the plain
--- (one-dimensional) rollup, kept per hour and per day; fdim = page, placement, country,
--- device_class or source holds the same counts restricted to one value of that filter
--- (per day). vbits is a 63-bit linear-counting bitmap of hashed visitor ids: OR-merged
+-- (one-dimensional) rollup, per day (and per hour for total and the small dimensions);
+-- fdim = placement, country, device_class or source holds the same counts restricted to
+-- one value of that filter (per day). vbits is a 63-bit linear-counting bitmap of hashed visitor ids: OR-merged
 -- across buckets, its popcount is a lower bound of distinct visitors (suppression, k).
 CREATE TABLE rollup_hits (
     fdim    TEXT    NOT NULL,
@@ -19,7 +19,7 @@ CREATE TABLE rollup_hits (
 ) WITHOUT ROWID;
 CREATE INDEX rollup_hits_bucket ON rollup_hits (grain, bucket);
 
--- rollup_hll: HyperLogLog registers (p = 10, 1024 per sketch, stored sparse: one row per
+-- rollup_hll: HyperLogLog registers (p = 9, 512 per sketch, stored sparse: one row per
 -- touched register) of hashed visitor ids per UTC day and one-dimensional value.
 -- Merging days is MAX(rho) per register.
 CREATE TABLE rollup_hll (
