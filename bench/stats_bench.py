@@ -145,10 +145,21 @@ async def query(db: Path, runs: int) -> None:
             )
         cases[f"consent {days}d"] = lambda b=base: stats.consent(storage, b)
     cases["timeseries hour 7d"] = lambda: stats.timeseries(storage, q(7, granularity="hour"), k)
-    cases["top country, page filter 30d"] = lambda: stats.breakdown(
-        storage, q(30, by="country", page="/catalog/item-3"), k
+    cases["top country, placement filter 30d"] = lambda: stats.breakdown(
+        storage, q(30, by="country", placement="ad-3"), k
     )
     cases["timeseries, country filter 30d"] = lambda: stats.timeseries(storage, q(30, country="RU"), k)
+    cases["summary, page filter 30d"] = lambda: stats.summary(storage, q(30, page="/catalog/item-3"), k)
+    cases["top country, source filter 365d"] = lambda: stats.breakdown(
+        storage, q(365, by="country", source="app"), k
+    )
+    # ranges that do not line up with calendar months read more day rows
+    mid = {"to": "2026-11-15", "from": "2026-10-17"}
+    for dim in ("page", "browser", "country"):
+        cases[f"top {dim} 30d mid-month"] = lambda d=dim: stats.breakdown(
+            storage, stats.parse_query({**mid, "by": d}), k
+        )
+    cases["summary 30d mid-month"] = lambda: stats.summary(storage, stats.parse_query(mid), k)
     results = {}
     for name, run in cases.items():
         times = []

@@ -37,6 +37,8 @@ the affected range, which recomputes from the hits that are ``VISIBLE``.
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
 import hashlib
 import logging
 from collections import defaultdict
@@ -90,8 +92,31 @@ _UPSERT_HLL = (
     "WHERE excluded.rho > rollup_hll.rho"
 )
 
+_UPSERT_MONTH = (
+    "INSERT INTO rollup_month (dim, month, value, hits, vbits) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (dim, month, value) DO UPDATE SET "
+    "hits = rollup_month.hits + excluded.hits, vbits = rollup_month.vbits | excluded.vbits"
+)
+_UPSERT_HLL_MONTH = (
+    "INSERT INTO rollup_hll_month (dim, value, month, reg, rho) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (dim, value, month, reg) DO UPDATE SET rho = excluded.rho "
+    "WHERE excluded.rho > rollup_hll_month.rho"
+)
+
 HitsKey = tuple[str, str, str, str, int, str]
 HllKey = tuple[str, str, int, int]
+MonthKey = tuple[str, int, str]
+
+
+@functools.lru_cache(maxsize=4096)
+def month_of(day_ms: int) -> int:
+    """Start of the UTC calendar month containing ``day_ms``, in ms."""
+    d = dt.datetime.fromtimestamp(day_ms / 1000, dt.UTC)
+    return int(dt.datetime(d.year, d.month, 1, tzinfo=dt.UTC).timestamp() * 1000)
+
+
+def next_month(month_ms: int) -> int:
+    return month_of(month_ms + 32 * DAY_MS)
 
 
 def page_path(page_url: str | None) -> str:
@@ -140,6 +165,8 @@ class Accumulator:
     def __init__(self) -> None:
         self.hits: defaultdict[HitsKey, list[int]] = defaultdict(lambda: [0, 0])
         self.hll: dict[HllKey, int] = {}
+        self.month: defaultdict[MonthKey, list[int]] = defaultdict(lambda: [0, 0])
+        self.hll_month: dict[HllKey, int] = {}
         self._hashes: dict[str, tuple[int, int, int]] = {}
 
     def _visitor(self, visitor_id: str) -> tuple[int, int, int]:
@@ -155,11 +182,15 @@ class Accumulator:
         ts = hit.ts_ms
         hour = ts - ts % HOUR_MS
         day = ts - ts % DAY_MS
+        month = month_of(day)
         values = dimension_values(hit)
         acc = self.hits
         hll = self.hll
         for dim, value in values.items():
             cell = acc[("", "", dim, "day", day, value)]
+            cell[0] += 1
+            cell[1] |= bit
+            cell = self.month[(dim, month, value)]
             cell[0] += 1
             cell[1] |= bit
             if dim in HOURLY:
@@ -170,6 +201,9 @@ class Accumulator:
                 key = (dim, value, day, reg)
                 if hll.get(key, 0) < rho:
                     hll[key] = rho
+                key = (dim, value, month, reg)
+                if self.hll_month.get(key, 0) < rho:
+                    self.hll_month[key] = rho
         for fdim in CROSS_FILTERS:
             fvalue = values[fdim]
             for dim in CROSS_DIMENSIONS:
@@ -184,6 +218,10 @@ class Accumulator:
             out.append((_UPSERT_HITS, [(*k, v[0], v[1]) for k, v in self.hits.items()]))
         if self.hll:
             out.append((_UPSERT_HLL, [(*k, rho) for k, rho in self.hll.items()]))
+        if self.month:
+            out.append((_UPSERT_MONTH, [(*k, v[0], v[1]) for k, v in self.month.items()]))
+        if self.hll_month:
+            out.append((_UPSERT_HLL_MONTH, [(*k, r) for k, r in self.hll_month.items()]))
         return out
 
 
@@ -213,9 +251,44 @@ async def rebuild(tx: Transaction, from_ms: int, to_ms: int) -> None:
     if start < floor:
         logger.info("rollup rebuild starts at %d, not %d: older raw hits are purged", floor, start)
         start = floor
+    if start >= end:
+        return
     columns = ", ".join(HIT_COLUMNS)
     for day in range(start, end, DAY_MS):
         await _rebuild_day(tx, day, columns)
+    await derive_months(tx, start, end)
+
+
+async def derive_months(tx: Transaction, from_ms: int, to_ms: int) -> None:
+    """Recompute the month rows overlapping [from_ms, to_ms) from the day rows.
+
+    A month row is by definition the merge of its day rows, so this is exact, and it
+    works for months whose raw hits retention has already purged.
+    """
+    month = month_of(from_ms - from_ms % DAY_MS)
+    while month < to_ms:
+        nxt = next_month(month)
+        await tx.execute("DELETE FROM rollup_month WHERE month = ?", [month])
+        await tx.execute("DELETE FROM rollup_hll_month WHERE month = ?", [month])
+        merged: dict[tuple[str, str], list[int]] = {}
+        for r in await tx.fetch_all(
+            "SELECT dim, value, hits, vbits FROM rollup_hits WHERE fdim = '' AND fvalue = '' "
+            "AND grain = 'day' AND bucket >= ? AND bucket < ?",
+            [month, nxt],
+        ):
+            cell = merged.setdefault((r["dim"], r["value"]), [0, 0])
+            cell[0] += int(r["hits"])
+            cell[1] |= int(r["vbits"])
+        await tx.executemany(
+            _UPSERT_MONTH, [(d, month, v, c[0], c[1]) for (d, v), c in merged.items()]
+        )
+        await tx.execute(
+            "INSERT INTO rollup_hll_month (dim, value, month, reg, rho) "
+            "SELECT dim, value, ?, reg, MAX(rho) FROM rollup_hll WHERE day >= ? AND day < ? "
+            "GROUP BY dim, value, reg",
+            [month, month, nxt],
+        )
+        month = nxt
 
 
 async def purge_floor(tx: Transaction) -> int:
@@ -253,6 +326,9 @@ async def _rebuild_day(tx: Transaction, day: int, columns: str) -> None:
     acc = Accumulator()
     for row in rows:
         acc.add(_hit_row(row))
+    # month rows are derived afterwards from the day rows, once per month
+    acc.month.clear()
+    acc.hll_month.clear()
     for sql, batch_rows in acc.statements():
         await tx.executemany(sql, batch_rows)
 

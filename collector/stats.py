@@ -9,6 +9,7 @@ only hide more. Used by the API (``collector/api/stats.py``) and the CLI alike.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import math
 import re
@@ -27,6 +28,8 @@ from collector.rollups import (
     HOUR_MS,
     HOURLY,
     SKETCHED,
+    month_of,
+    next_month,
 )
 from collector.storage.base import Storage
 
@@ -150,19 +153,79 @@ def hll_estimate(registers: int, inverse_sum: float) -> int:
 _INV = "SUM(1.0 / (CAST(1 AS BIGINT) << rho))"
 
 
-async def _visitors(
-    storage: Storage, dim: str, values: list[str], start: int, end: int
-) -> dict[str, int]:
-    """Distinct visitors per value over [start, end): HLL sketches merged across days."""
+def spans(start: int, end: int) -> tuple[list[tuple[int, int]], tuple[int, int] | None]:
+    """Split [start, end) into day ranges at the edges and one range of whole months.
+
+    A year then reads 12 month rows per value plus at most ~60 day rows.
+    """
+    first = month_of(start)
+    if first < start:
+        first = next_month(first)
+    last = month_of(end) if end > first else first
+    if last <= first:
+        return [(start, end)], None
+    days = [(lo, hi) for lo, hi in ((start, first), (last, end)) if lo < hi]
+    return days, (first, last)
+
+
+def _in(values: list[str] | None) -> tuple[str, list[Any]]:
+    if values is None:
+        return "", []
+    return f" AND value IN ({', '.join('?' * len(values))})", list(values)
+
+
+def _hits_union(q: Query, dim: str, values: list[str] | None = None) -> tuple[str, list[Any]]:
+    """SQL for (value, hits, vbits) rows covering the range: whole months from the month
+    rollup, the edges from day rows; with a filter, the (daily) cross rollup."""
+    cond, vargs = _in(values)
+    if q.filter_dim and dim != q.filter_dim:
+        return (
+            "SELECT value, hits, vbits FROM rollup_hits WHERE fdim = ? AND fvalue = ? "
+            f"AND dim = ? AND grain = 'day' AND bucket >= ? AND bucket < ?{cond}",
+            [q.filter_dim, q.filter_value, dim, q.start, q.end, *vargs],
+        )
+    days, months = spans(q.start, q.end)
+    parts: list[str] = []
+    args: list[Any] = []
+    for lo, hi in days:
+        parts.append(
+            "SELECT value, hits, vbits FROM rollup_hits WHERE fdim = '' AND fvalue = '' "
+            f"AND dim = ? AND grain = 'day' AND bucket >= ? AND bucket < ?{cond}"
+        )
+        args += [dim, lo, hi, *vargs]
+    if months:
+        parts.append(
+            "SELECT value, hits, vbits FROM rollup_month WHERE dim = ? AND month >= ? "
+            f"AND month < ?{cond}"
+        )
+        args += [dim, *months, *vargs]
+    return " UNION ALL ".join(parts), args
+
+
+async def _visitors(storage: Storage, dim: str, values: list[str], q: Query) -> dict[str, int]:
+    """Distinct visitors per value over the range: HLL sketches merged (MAX per register)."""
     if dim not in SKETCHED or not values:
         return {}
-    marks = ", ".join("?" * len(values))
+    cond, vargs = _in(values)
+    days, months = spans(q.start, q.end)
+    parts: list[str] = []
+    args: list[Any] = []
+    for lo, hi in days:
+        parts.append(
+            f"SELECT value, reg, rho FROM rollup_hll WHERE dim = ? AND day >= ? AND day < ?{cond}"
+        )
+        args += [dim, lo, hi, *vargs]
+    if months:
+        parts.append(
+            "SELECT value, reg, rho FROM rollup_hll_month WHERE dim = ? AND month >= ? "
+            f"AND month < ?{cond}"
+        )
+        args += [dim, *months, *vargs]
     rows = await storage.fetch_all(
-        f"SELECT value, COUNT(*) AS n, SUM(1.0 / (CAST(1 AS BIGINT) << r)) AS z FROM ("
-        "SELECT value, reg, MAX(rho) AS r FROM rollup_hll "
-        f"WHERE dim = ? AND value IN ({marks}) AND day >= ? AND day < ? GROUP BY value, reg"
-        ") m GROUP BY value",
-        [dim, *values, start, end],
+        "SELECT value, COUNT(*) AS n, SUM(1.0 / (CAST(1 AS BIGINT) << r)) AS z FROM ("
+        f"SELECT value, reg, MAX(rho) AS r FROM ({' UNION ALL '.join(parts)}) u "
+        "GROUP BY value, reg) m GROUP BY value",
+        args,
     )
     return {r["value"]: hll_estimate(int(r["n"]), float(r["z"])) for r in rows}
 
@@ -208,16 +271,13 @@ async def timeseries(storage: Storage, q: Query, k: int) -> dict[str, Any]:
 async def summary(storage: Storage, q: Query, k: int) -> dict[str, Any]:
     """Totals over the range: hits, unique visitors, consent rate."""
     dim, value = _series_target(q)
-    rows = await storage.fetch_all(
-        "SELECT hits, vbits FROM rollup_hits WHERE fdim = '' AND fvalue = '' "
-        "AND dim = ? AND grain = 'day' AND value = ? AND bucket >= ? AND bucket < ?",
-        [dim, value, q.start, q.end],
-    )
+    sql, args = _hits_union(q, dim, [value])
+    rows = await storage.fetch_all(sql, args)
     hits = sum(int(r["hits"]) for r in rows)
     bits = 0
     for r in rows:
         bits |= int(r["vbits"])
-    visitors = (await _visitors(storage, dim, [value], q.start, q.end)).get(value, 0)
+    visitors = (await _visitors(storage, dim, [value], q)).get(value, 0)
     suppressed = 0 < _visitors_lower_bound(bits) < k
     rate = None
     if q.filter_dim in ("", "page"):
@@ -244,34 +304,30 @@ async def breakdown(storage: Storage, q: Query, k: int) -> dict[str, Any]:
                 f"by: with a {q.filter_dim} filter, group by one of "
                 + ", ".join(d for d in CROSS_DIMENSIONS if d != q.filter_dim)
             )
-    where = "fdim = ? AND fvalue = ? AND dim = ? AND grain = 'day' AND bucket >= ? AND bucket < ?"
-    args: list[Any] = [q.filter_dim, q.filter_value, q.by, q.start, q.end]
     total_dim, total_value = _series_target(q)
+    unfiltered = dataclasses.replace(q, filter_dim="", filter_value="")
+    total_sql, total_args = _hits_union(unfiltered, total_dim, [total_value])
     total_row = await storage.fetch_one(
-        "SELECT SUM(hits) AS hits FROM rollup_hits WHERE fdim = '' AND fvalue = '' "
-        "AND dim = ? AND grain = 'day' AND value = ? AND bucket >= ? AND bucket < ?",
-        [total_dim, total_value, q.start, q.end],
+        f"SELECT SUM(hits) AS hits FROM ({total_sql}) u", total_args
     )
-    total = int(total_row["hits"] or 0) if total_row else 0
+    total = int(total_row["hits"]) if total_row and total_row["hits"] is not None else 0
+    ranked_sql, ranked_args = _hits_union(q, q.by)
     shown: list[dict[str, Any]] = []
     suppressed = 0
     offset = 0
     batch = q.limit * 2 + 10
     while len(shown) < q.limit:
         candidates = await storage.fetch_all(
-            f"SELECT value, SUM(hits) AS hits FROM rollup_hits WHERE {where} "
+            f"SELECT value, SUM(hits) AS hits FROM ({ranked_sql}) u "
             "GROUP BY value ORDER BY SUM(hits) DESC, value LIMIT ? OFFSET ?",
-            [*args, batch, offset],
+            [*ranked_args, batch, offset],
         )
         if not candidates:
             break
         offset += len(candidates)
-        marks = ", ".join("?" * len(candidates))
+        bits_sql, bits_args = _hits_union(q, q.by, [c["value"] for c in candidates])
         bits: dict[str, int] = {}
-        for r in await storage.fetch_all(
-            f"SELECT value, vbits FROM rollup_hits WHERE {where} AND value IN ({marks})",
-            [*args, *(c["value"] for c in candidates)],
-        ):
+        for r in await storage.fetch_all(bits_sql, bits_args):
             bits[r["value"]] = bits.get(r["value"], 0) | int(r["vbits"])
         for c in candidates:
             if _visitors_lower_bound(bits.get(c["value"], 0)) < k:
@@ -281,7 +337,7 @@ async def breakdown(storage: Storage, q: Query, k: int) -> dict[str, Any]:
         if len(candidates) < batch:
             break
     if not q.filter_dim:
-        visitors = await _visitors(storage, q.by, [s["value"] for s in shown], q.start, q.end)
+        visitors = await _visitors(storage, q.by, [s["value"] for s in shown], q)
         for s in shown:
             s["visitors"] = visitors.get(s["value"]) if q.by in SKETCHED else None
     else:

@@ -28,3 +28,24 @@ CREATE TABLE rollup_state (
     name    TEXT    PRIMARY KEY,
     value   BIGINT  NOT NULL
 );
+
+-- Per calendar month (UTC), one-dimensional only: the merge of the month's day rows
+-- (hits summed, vbits OR-ed, registers MAX-ed), kept on write like the rest so a year
+-- is read as 12 month rows plus the days at the edges. rebuild() re-derives them.
+CREATE TABLE rollup_month (
+    dim     TEXT    NOT NULL,
+    month   BIGINT    NOT NULL,   -- first day of the month, unix ms
+    value   TEXT    NOT NULL,
+    hits    BIGINT    NOT NULL,
+    vbits   BIGINT    NOT NULL,
+    PRIMARY KEY (dim, month, value)
+);
+
+CREATE TABLE rollup_hll_month (
+    dim     TEXT    NOT NULL,
+    value   TEXT    NOT NULL,
+    month   BIGINT    NOT NULL,
+    reg     INTEGER NOT NULL,
+    rho     INTEGER NOT NULL,
+    PRIMARY KEY (dim, value, month, reg)
+);
