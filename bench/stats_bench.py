@@ -7,6 +7,7 @@ skipped: the rows are generated already enriched).
 
     python bench/stats_bench.py load  --db /tmp/stats-bench.db [--hits 5000000]
     python bench/stats_bench.py query --db /tmp/stats-bench.db [--runs 7]
+    python bench/stats_bench.py write-cost --db /tmp/stats-bench.db
 """
 
 from __future__ import annotations
@@ -173,15 +174,40 @@ async def query(db: Path, runs: int) -> None:
     print(json.dumps(results))
 
 
+async def write_cost(db: Path, days: int = 10, batch: int = 2000) -> None:
+    """Writer cost with and without the rollup aggregator, in live-sized batches."""
+    rnd = random.Random(3)
+    g = generators()
+    days_rows = [day_rows(end_ms() - (d + 1) * DAY_MS, 13_698, rnd, g) for d in range(days)]
+    for with_rollups in (False, True):
+        path = db.with_name(f"{db.stem}-write-{with_rollups}.db")
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(path) + suffix).unlink(missing_ok=True)
+        settings = load_settings(None, environ={"COLLECTOR_STORAGE_PATH": str(path)})
+        storage = SQLiteStorage(settings, aggregators(settings) if with_rollups else [])
+        await storage.open()
+        started, n = time.perf_counter(), 0
+        for rows in days_rows:
+            rows = sorted(rows, key=lambda h: h.ts_ms)
+            for i in range(0, len(rows), batch):
+                await storage.write_batch(Batch(hits=rows[i : i + batch]))
+                n += len(rows[i : i + batch])
+        took = time.perf_counter() - started
+        await storage.close()
+        print(f"rollups={with_rollups}: {n / took:.0f} hits/s, {1000 * took / (n / batch):.1f} ms/batch")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("phase", choices=["load", "query"])
+    parser.add_argument("phase", choices=["load", "query", "write-cost"])
     parser.add_argument("--db", type=Path, default=Path("/tmp/stats-bench.db"))
     parser.add_argument("--hits", type=int, default=5_000_000)
     parser.add_argument("--runs", type=int, default=7)
     args = parser.parse_args()
     if args.phase == "load":
         asyncio.run(load(args.db, args.hits))
+    elif args.phase == "write-cost":
+        asyncio.run(write_cost(args.db))
     else:
         asyncio.run(query(args.db, args.runs))
 
