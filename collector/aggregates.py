@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from collector import ipstats
+from collector import ipstats, rollups
 from collector.config import Settings
 from collector.storage.base import Aggregator, Transaction
 
@@ -20,6 +20,7 @@ Rebuilder = Callable[[Transaction, int, int], Awaitable[None]]
 def aggregators(settings: Settings) -> list[Aggregator]:
     found: list[Aggregator] = []
     found.append(ipstats.IpStatsAggregator(settings))
+    found.append(rollups.Rollups())
     return found
 
 
@@ -27,4 +28,5 @@ def rebuilders(settings: Settings) -> list[Rebuilder]:
     """Each takes (transaction, from_ms, to_ms) and recomputes the days overlapping it."""
     found: list[Rebuilder] = []
     found.append(ipstats.rebuild)
+    found.append(rollups.rebuild)
     return found

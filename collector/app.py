@@ -28,6 +28,7 @@ from collector.api.admin import admin_routes
 from collector.api.consent import consent_routes
 from collector.api.governance import governance_routes
 from collector.api.ip import ip_routes
+from collector.api.stats import stats_routes
 from collector.audit import AuditLog
 from collector.auth import ApiGuard, TokenStore
 from collector.collect import collect_routes
@@ -41,6 +42,7 @@ from collector.geo import GeoIP
 from collector.governance import Governance
 from collector.logs import configure_logging, redact
 from collector.metrics import Metrics
+from collector.openapi import openapi_route
 from collector.pixel import Pixel, Receive, Scope, Send
 from collector.security import SecurityHeaders
 from collector.storage import open_storage
@@ -96,6 +98,9 @@ class CollectorApp:
                 *self._consent_routes(),
                 *ip_routes(self),
                 *collect_routes(self),
+                *stats_routes(self),
+                openapi_route(lambda: self.starlette.routes),
+                Mount("/dashboard", StaticFiles(directory=STATIC_DIR / "dashboard", html=True)),
             ],
             exception_handlers={
                 CollectorError: _collector_error,

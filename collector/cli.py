@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from collector.config import Settings, load_settings, resolve_secret
-from collector.errors import CollectorError
+from collector.errors import CollectorError, InputError
 
 if TYPE_CHECKING:
     from collector.audit import AuditLog
@@ -348,6 +348,82 @@ def ip_command(
         click.echo(ipreport.render_lookup(report))
     else:
         click.echo(ipreport.render_top(report))
+
+
+@main.command("stats")
+@with_settings
+@click.option("--from", "date_from", help="First day YYYY-MM-DD (default: 29 days before --to).")
+@click.option("--to", "date_to", help="Last day YYYY-MM-DD (default: today, UTC).")
+@click.option(
+    "--by",
+    type=click.Choice(
+        [
+            "page",
+            "referrer",
+            "placement",
+            "browser",
+            "os",
+            "device_class",
+            "country",
+            "source",
+            "day",
+        ]
+    ),
+    default="page",
+    show_default=True,
+    help="Dimension to rank, or 'day' for the daily series.",
+)
+@click.option("--where", "where", help="One filter DIM=VALUE, e.g. country=KZ.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv"]), default="table")
+def stats_command(
+    settings: Settings,
+    date_from: str | None,
+    date_to: str | None,
+    by: str,
+    where: str | None,
+    limit: int,
+    fmt: str,
+) -> None:
+    """Aggregated statistics from the rollups (small groups suppressed, as in the API)."""
+    from collector import stats
+    from collector.api.stats import table, to_csv
+
+    params = {"from": date_from or "", "to": date_to or "", "limit": str(limit)}
+    if by != "day":
+        params["by"] = by
+    if where:
+        name, _, value = where.partition("=")
+        params[name.strip()] = value
+        if name.strip() not in stats.FILTERS:
+            _fail(InputError(f"--where: filter one of {', '.join(stats.FILTERS)}"))
+    k = settings.stats.min_visitors
+
+    async def job(ctx: CliContext) -> tuple[str, dict[str, Any]]:
+        query = stats.parse_query(params)
+        kind = "timeseries" if by == "day" else "breakdown"
+        async with ctx.audited(f"stats.{kind}", detail={"query": query.echo()}):
+            if kind == "timeseries":
+                return kind, await stats.timeseries(ctx.storage, query, k)
+            return kind, await stats.breakdown(ctx.storage, query, k)
+
+    kind, body = run_with_storage(settings, job)
+    header, rows = table(kind, body)
+    if fmt == "csv":
+        click.echo(to_csv(header, rows), nl=False)
+        return
+    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(header)]
+    click.echo("  ".join(h.upper().ljust(w) for h, w in zip(header, widths, strict=True)))
+    for r in cells:
+        click.echo(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+    q = body["query"]
+    click.echo(f"{q['from']} .. {q['to']}, groups under k={body['k']} visitors merged into other")
 
 
 def _when(ts_ms: int | None) -> str:

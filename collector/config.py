@@ -165,6 +165,12 @@ class CollectSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class StatsSettings:
+    # 3.4, 6.2.2: groups with fewer distinct visitors are merged into "other"
+    min_visitors: int = 5
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -176,6 +182,7 @@ class Settings:
     ipstats: IpstatsSettings = field(default_factory=IpstatsSettings)
     fraud: FraudSettings = field(default_factory=FraudSettings)
     collect: CollectSettings = field(default_factory=CollectSettings)
+    stats: StatsSettings = field(default_factory=StatsSettings)
     # Where the settings came from, for the start-up log line; not a config key.
     source: str = field(default="defaults", compare=False)
 
@@ -369,6 +376,8 @@ def _validate(s: Settings) -> None:
     for key in ("rate_per_instance", "rate_per_ip"):
         if getattr(s.collect, key) < 0:
             raise ConfigError(f"collect.{key}: must not be negative (0 = unlimited)")
+
+    positive("stats.min_visitors", s.stats.min_visitors)
 
 
 def _validate_consent_sources(c: ConsentSettings) -> None:

@@ -8,6 +8,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from collector import openapi
 from collector.api import int_param, page
 from collector.auth import Principal
 
@@ -50,3 +51,75 @@ def admin_routes(app: CollectorApp) -> list[Route]:
         Route("/api/audit", audit_list, methods=["GET"]),
         Route("/api/audit/verify", audit_verify, methods=["GET"]),
     ]
+
+
+_ADMIN = ("admin",)
+_AUDIT_ENTRY = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer"},
+        "ts_ms": {"type": "integer"},
+        "actor": {"type": "string"},
+        "role": {"type": "string", "nullable": True},
+        "action": {"type": "string"},
+        "subject": {"type": "string", "nullable": True},
+        "request_id": {"type": "string", "nullable": True},
+        "outcome": {"type": "string"},
+        "detail": {"nullable": True},
+    },
+}
+openapi.operation(
+    "GET",
+    "/api/whoami",
+    summary="The name and role of the calling token",
+    roles=("analyst", "engineer", "admin"),
+    tag="admin",
+    response={
+        "type": "object",
+        "required": ["name", "role"],
+        "properties": {
+            "name": {"type": "string"},
+            "role": {"type": "string", "enum": ["analyst", "engineer", "admin"]},
+        },
+    },
+)
+openapi.operation(
+    "GET",
+    "/api/audit",
+    summary="Audit trail entries, newest first (5.5)",
+    roles=_ADMIN,
+    tag="admin",
+    parameters=[
+        openapi.query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "At most."),
+        openapi.query(
+            "before_id", {"type": "integer", "minimum": 1, "maximum": 2**62}, "Page: ids below."
+        ),
+        openapi.query("action", {"type": "string"}, "Only this action, e.g. stats.summary."),
+        openapi.query("subject", {"type": "string"}, "Only entries about this subject."),
+    ],
+    response={
+        "type": "object",
+        "required": ["items", "count"],
+        "properties": {
+            "items": {"type": "array", "items": _AUDIT_ENTRY},
+            "count": {"type": "integer"},
+        },
+    },
+)
+openapi.operation(
+    "GET",
+    "/api/audit/verify",
+    summary="Check the audit trail's hash chain",
+    roles=_ADMIN,
+    tag="admin",
+    response={
+        "type": "object",
+        "required": ["ok", "checked", "bad_id", "reason"],
+        "properties": {
+            "ok": {"type": "boolean"},
+            "checked": {"type": "integer"},
+            "bad_id": {"type": "integer", "nullable": True},
+            "reason": {"type": "string", "nullable": True},
+        },
+    },
+)

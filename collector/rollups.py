@@ -1,0 +1,337 @@
+"""Analyst rollups: hits and visitor sketches per hour/day and dimension (issue 4; 3.4, 6.2.2).
+
+Kept **on write**, inside each batch transaction (an ``Aggregator``), rather than by a
+periodic job: the rollups are exact and never lag the hits they summarise (the dashboard
+shows the last minute), there is no job to schedule, watch or catch up after downtime,
+and the cost is small because each batch is pre-aggregated in Python first: a batch of
+1,000 hits becomes one upsert per distinct (bucket, dimension, value), not per hit.
+
+Dimensions: page (path of the page URL, the same path as ``pixel_counts``), referrer
+domain, placement id, browser family, OS family, device class, country and source
+(web/app/server), plus ``total``. Tables (migration 0005):
+
+- ``rollup_hits``: hits per bucket and value. One-dimensional per day for every
+  dimension and per hour for ``HOURLY``; per day crossed with one filter value
+  (``CROSS_FILTERS`` x ``CROSS_DIMENSIONS``), so a query with one filter never reads raw
+  hits. Page is left out of the cross product: with thousands of paths it made the
+  rollups larger than the hits and writes several times slower (measured, see
+  docs/PERFORMANCE-stats.md).
+- ``vbits`` on every row: a 63-bit linear-counting bitmap of hashed visitor ids, merged by
+  OR. Its popcount is a *lower bound* of the distinct visitors (two visitors can share a
+  bit, one visitor never sets two), so small-count suppression (k) that trusts it can
+  only err towards hiding more.
+- ``rollup_hll``: HyperLogLog sketches (p = 9: 512 registers, standard error
+  1.04/sqrt(512) = 4.6 %; below ~1,300 visitors linear counting on the registers is used,
+  near-exact for small groups) per UTC day and value of the ``SKETCHED`` dimensions,
+  stored sparse as one row per touched register and merged across days by MAX(rho).
+  Sketches rather than exact visitor tables because rollups outlive the raw hits
+  (retention purges hits, rollups stay): a sketch keeps no visitor id, not even a hash
+  of one. Page and referrer have no sketch (one row per page and visitor and day would
+  again rival the hits table); their visitor counts are not offered.
+
+Hashes are BLAKE2b-64 of the visitor id with a fixed key, so every worker and a rebuild
+agree. Blocked subjects (6.2.4): hits dropped by writer filters never reach the
+aggregator; after a block, unblock or erasure the governance code calls ``rebuild`` for
+the affected range, which recomputes from the hits that are ``VISIBLE``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import hashlib
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import urlsplit
+
+from collector.enrich import referrer_domain
+from collector.storage.base import HIT_COLUMNS, Batch, Dialect, HitRow, Statement, Transaction
+from collector.visibility import VISIBLE
+
+logger = logging.getLogger(__name__)
+
+HOUR_MS = 3_600_000
+DAY_MS = 86_400_000
+DIMENSIONS: tuple[str, ...] = (
+    "page",
+    "referrer",
+    "placement",
+    "browser",
+    "os",
+    "device_class",
+    "country",
+    "source",
+)
+FILTERS: tuple[str, ...] = ("page", "placement", "country", "device_class", "source")
+# What is kept where. Measured on the 5M-hit benchmark (docs/PERFORMANCE-stats.md), the
+# full cross product with page (thousands of paths) made the rollups larger than the hits
+# and writes 50x slower, so page and referrer take part only one-dimensionally.
+HOURLY: frozenset[str] = frozenset({"total", "placement", "country", "device_class", "source"})
+CROSS_FILTERS: tuple[str, ...] = ("placement", "country", "device_class", "source")
+CROSS_DIMENSIONS: tuple[str, ...] = tuple(d for d in DIMENSIONS if d != "page")
+SKETCHED: frozenset[str] = frozenset(
+    {"total", "placement", "browser", "os", "device_class", "country", "source"}
+)
+HLL_P = 9
+HLL_M = 1 << HLL_P
+_HLL_REST = 64 - HLL_P
+_VBITS = 63  # bits of a signed 64-bit integer that stay positive in both databases
+_HASH_KEY = b"collector-rollups-v1"
+
+_UPSERT_HITS = (
+    "INSERT INTO rollup_hits (fdim, fvalue, dim, grain, bucket, value, hits, vbits) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (fdim, fvalue, dim, grain, bucket, value) DO UPDATE SET "
+    "hits = rollup_hits.hits + excluded.hits, vbits = rollup_hits.vbits | excluded.vbits"
+)
+_UPSERT_HLL = (
+    "INSERT INTO rollup_hll (dim, value, day, reg, rho) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (dim, value, day, reg) DO UPDATE SET rho = excluded.rho "
+    "WHERE excluded.rho > rollup_hll.rho"
+)
+
+_UPSERT_MONTH = (
+    "INSERT INTO rollup_month (dim, month, value, hits, vbits) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (dim, month, value) DO UPDATE SET "
+    "hits = rollup_month.hits + excluded.hits, vbits = rollup_month.vbits | excluded.vbits"
+)
+_UPSERT_HLL_MONTH = (
+    "INSERT INTO rollup_hll_month (dim, value, month, reg, rho) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (dim, value, month, reg) DO UPDATE SET rho = excluded.rho "
+    "WHERE excluded.rho > rollup_hll_month.rho"
+)
+
+HitsKey = tuple[str, str, str, str, int, str]
+HllKey = tuple[str, str, int, int]
+MonthKey = tuple[str, int, str]
+
+
+@functools.lru_cache(maxsize=4096)
+def month_of(day_ms: int) -> int:
+    """Start of the UTC calendar month containing ``day_ms``, in ms."""
+    d = dt.datetime.fromtimestamp(day_ms / 1000, dt.UTC)
+    return int(dt.datetime(d.year, d.month, 1, tzinfo=dt.UTC).timestamp() * 1000)
+
+
+def next_month(month_ms: int) -> int:
+    return month_of(month_ms + 32 * DAY_MS)
+
+
+def page_path(page_url: str | None) -> str:
+    """The page dimension: the stored URL's path, as ``pixel_counts`` keys it."""
+    if not page_url:
+        return "(none)"
+    try:
+        return urlsplit(page_url).path[:256] or "/"
+    except ValueError:
+        return "(none)"
+
+
+def dimension_values(hit: HitRow) -> dict[str, str]:
+    """The value of every dimension for one hit (missing values get a readable label)."""
+    return {
+        "total": "",
+        "page": page_path(hit.page_url),
+        "referrer": referrer_domain(hit.referrer_url),
+        "placement": hit.placement_id or "(none)",
+        "browser": hit.browser_family or "Other",
+        "os": hit.os_family or "Other",
+        "device_class": hit.device_class or "other",
+        "country": hit.country or "(unknown)",
+        "source": hit.source or "web",
+    }
+
+
+def visitor_hash(visitor_id: str) -> int:
+    digest = hashlib.blake2b(visitor_id.encode("utf-8"), digest_size=8, key=_HASH_KEY).digest()
+    return int.from_bytes(digest, "big")
+
+
+def hll_register(h: int) -> tuple[int, int]:
+    """(register index, rho) of a 64-bit hash: top p bits pick, the rest give rho."""
+    rest = h & ((1 << _HLL_REST) - 1)
+    return h >> _HLL_REST, _HLL_REST - rest.bit_length() + 1
+
+
+def vbit(h: int) -> int:
+    return 1 << (h % _VBITS)
+
+
+class Accumulator:
+    """Pre-aggregates hits in Python: one entry per distinct rollup key."""
+
+    def __init__(self) -> None:
+        self.hits: defaultdict[HitsKey, list[int]] = defaultdict(lambda: [0, 0])
+        self.hll: dict[HllKey, int] = {}
+        self.month: defaultdict[MonthKey, list[int]] = defaultdict(lambda: [0, 0])
+        self.hll_month: dict[HllKey, int] = {}
+        self._hashes: dict[str, tuple[int, int, int]] = {}
+
+    def _visitor(self, visitor_id: str) -> tuple[int, int, int]:
+        found = self._hashes.get(visitor_id)
+        if found is None:
+            h = visitor_hash(visitor_id)
+            reg, rho = hll_register(h)
+            found = self._hashes[visitor_id] = (vbit(h), reg, rho)
+        return found
+
+    def add(self, hit: HitRow) -> None:
+        bit, reg, rho = self._visitor(hit.visitor_id)
+        ts = hit.ts_ms
+        hour = ts - ts % HOUR_MS
+        day = ts - ts % DAY_MS
+        month = month_of(day)
+        values = dimension_values(hit)
+        acc = self.hits
+        hll = self.hll
+        for dim, value in values.items():
+            cell = acc[("", "", dim, "day", day, value)]
+            cell[0] += 1
+            cell[1] |= bit
+            cell = self.month[(dim, month, value)]
+            cell[0] += 1
+            cell[1] |= bit
+            if dim in HOURLY:
+                cell = acc[("", "", dim, "hour", hour, value)]
+                cell[0] += 1
+                cell[1] |= bit
+            if dim in SKETCHED:
+                key = (dim, value, day, reg)
+                if hll.get(key, 0) < rho:
+                    hll[key] = rho
+                key = (dim, value, month, reg)
+                if self.hll_month.get(key, 0) < rho:
+                    self.hll_month[key] = rho
+        for fdim in CROSS_FILTERS:
+            fvalue = values[fdim]
+            for dim in CROSS_DIMENSIONS:
+                if dim != fdim:
+                    cell = acc[(fdim, fvalue, dim, "day", day, values[dim])]
+                    cell[0] += 1
+                    cell[1] |= bit
+
+    def statements(self) -> list[Statement]:
+        out: list[Statement] = []
+        if self.hits:
+            out.append((_UPSERT_HITS, [(*k, v[0], v[1]) for k, v in self.hits.items()]))
+        if self.hll:
+            out.append((_UPSERT_HLL, [(*k, rho) for k, rho in self.hll.items()]))
+        if self.month:
+            out.append((_UPSERT_MONTH, [(*k, v[0], v[1]) for k, v in self.month.items()]))
+        if self.hll_month:
+            out.append((_UPSERT_HLL_MONTH, [(*k, r) for k, r in self.hll_month.items()]))
+        return out
+
+
+class Rollups:
+    """The ``Aggregator`` for analyst rollups (registered in ``collector.aggregates``)."""
+
+    def __call__(self, batch: Batch, dialect: Dialect) -> Iterable[Statement]:
+        acc = Accumulator()
+        for hit in batch.hits:
+            acc.add(hit)
+        return acc.statements()
+
+
+async def rebuild(tx: Transaction, from_ms: int, to_ms: int) -> None:
+    """Recompute every rollup for the hours/days overlapping [from_ms, to_ms).
+
+    Reads only ``VISIBLE`` hits, so a blocked or erased subject drops out of the rollups
+    and an unblocked one comes back (6.2.4). Never call it from retention: rollups are
+    meant to outlive purged raw hits. Days before the purge floor (``mark_purged``) are
+    skipped, since the rollups are the only record of them.
+    """
+    if to_ms <= from_ms:
+        return
+    start = from_ms - from_ms % DAY_MS
+    end = to_ms + (-to_ms) % DAY_MS
+    floor = await purge_floor(tx)
+    if start < floor:
+        logger.info("rollup rebuild starts at %d, not %d: older raw hits are purged", floor, start)
+        start = floor
+    if start >= end:
+        return
+    columns = ", ".join(HIT_COLUMNS)
+    for day in range(start, end, DAY_MS):
+        await _rebuild_day(tx, day, columns)
+    await derive_months(tx, start, end)
+
+
+async def derive_months(tx: Transaction, from_ms: int, to_ms: int) -> None:
+    """Recompute the month rows overlapping [from_ms, to_ms) from the day rows.
+
+    A month row is by definition the merge of its day rows, so this is exact, and it
+    works for months whose raw hits retention has already purged.
+    """
+    month = month_of(from_ms - from_ms % DAY_MS)
+    while month < to_ms:
+        nxt = next_month(month)
+        await tx.execute("DELETE FROM rollup_month WHERE month = ?", [month])
+        await tx.execute("DELETE FROM rollup_hll_month WHERE month = ?", [month])
+        merged: dict[tuple[str, str], list[int]] = {}
+        for r in await tx.fetch_all(
+            "SELECT dim, value, hits, vbits FROM rollup_hits WHERE fdim = '' AND fvalue = '' "
+            "AND grain = 'day' AND bucket >= ? AND bucket < ?",
+            [month, nxt],
+        ):
+            cell = merged.setdefault((r["dim"], r["value"]), [0, 0])
+            cell[0] += int(r["hits"])
+            cell[1] |= int(r["vbits"])
+        await tx.executemany(
+            _UPSERT_MONTH, [(d, month, v, c[0], c[1]) for (d, v), c in merged.items()]
+        )
+        await tx.execute(
+            "INSERT INTO rollup_hll_month (dim, value, month, reg, rho) "
+            "SELECT dim, value, ?, reg, MAX(rho) FROM rollup_hll WHERE day >= ? AND day < ? "
+            "GROUP BY dim, value, reg",
+            [month, month, nxt],
+        )
+        month = nxt
+
+
+async def purge_floor(tx: Transaction) -> int:
+    row = await tx.fetch_one("SELECT value FROM rollup_state WHERE name = 'raw_floor_ms'")
+    return int(row["value"]) if row else 0
+
+
+async def mark_purged(tx: Transaction, before_ms: int) -> None:
+    """Retention calls this in its purge transaction: raw hits before ``before_ms`` are gone.
+
+    The floor is rounded up to the next UTC day (a partly purged day cannot be rebuilt)
+    and only ever moves forward.
+    """
+    floor = before_ms + (-before_ms) % DAY_MS
+    await tx.execute(
+        "INSERT INTO rollup_state (name, value) VALUES ('raw_floor_ms', ?) "
+        "ON CONFLICT (name) DO UPDATE SET value = excluded.value "
+        "WHERE excluded.value > rollup_state.value",
+        [floor],
+    )
+
+
+async def _rebuild_day(tx: Transaction, day: int, columns: str) -> None:
+    nxt = day + DAY_MS
+    for sql, params in (
+        ("DELETE FROM rollup_hits WHERE grain = 'day' AND bucket = ?", [day]),
+        ("DELETE FROM rollup_hits WHERE grain = 'hour' AND bucket >= ? AND bucket < ?", [day, nxt]),
+        ("DELETE FROM rollup_hll WHERE day = ?", [day]),
+    ):
+        await tx.execute(sql, params)
+    rows = await tx.fetch_all(
+        f"SELECT {columns} FROM hits WHERE ts_ms >= ? AND ts_ms < ? AND {VISIBLE}",
+        [day, nxt],
+    )
+    acc = Accumulator()
+    for row in rows:
+        acc.add(_hit_row(row))
+    # month rows are derived afterwards from the day rows, once per month
+    acc.month.clear()
+    acc.hll_month.clear()
+    for sql, batch_rows in acc.statements():
+        await tx.executemany(sql, batch_rows)
+
+
+def _hit_row(row: dict[str, Any]) -> HitRow:
+    return HitRow(*(row[c] for c in HIT_COLUMNS))
