@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from collector import ipstats
+from collector import ipstats, rollups
 from collector.config import Settings
 from collector.storage.base import Storage
 
@@ -104,6 +104,9 @@ async def purge(
     # Per-IP statistics are personal data with the same period as the hits (3.3.2, 5.1).
     async with storage.transaction() as tx:
         await ipstats.purge(tx, p.cutoff_ms)
+        # Rollups outlive the raw hits (5.1): from now on no rebuild may recompute the
+        # days being purged or depersonalised, or it would erase their counts.
+        await rollups.mark_purged(tx, p.cutoff_ms)
     while True:
         if p.mode == "delete":
             n = await storage.execute(

@@ -460,3 +460,21 @@ async def test_long_ranges_read_whole_months_and_agree_with_the_raw_hits(
     )
     assert summary.json()["hits"] == sum(expected.values())
     assert abs(summary.json()["visitors"] - 60) <= 3  # HLL linear counting, m = 512
+
+
+async def test_a_retention_purge_keeps_rollups_and_later_rebuilds_cannot_erase_them(
+    app: CollectorApp,
+) -> None:
+    from collector import retention
+
+    await write(app, random_hits(random.Random(8), 200))
+    before = await stored_rollups(app)
+    cutoff = DAY0 + DAY_MS + 5
+    plan = retention.Plan(cutoff, 1, "delete", 0)
+    assert await retention.purge(app.storage, plan, chunk_size=50) > 0
+    assert await app.storage.fetch_all("SELECT id FROM hits WHERE ts_ms < ?", [cutoff]) == []
+    assert await stored_rollups(app) == before
+    # A later block/erase rebuild over the purged days must not wipe their counts (5.1).
+    async with app.storage.transaction() as tx:
+        await rebuild(tx, DAY0, DAY0 + 3 * DAY_MS)
+    assert await stored_rollups(app) == before
