@@ -41,7 +41,6 @@ import datetime as dt
 import functools
 import hashlib
 import logging
-from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
@@ -159,14 +158,58 @@ def vbit(h: int) -> int:
     return 1 << (h % _VBITS)
 
 
+# The dimensions other than page, in the order of ``_values``; page is kept apart because
+# it alone has thousands of values and takes part only one-dimensionally.
+_FIXED_DIMS: tuple[str, ...] = (
+    "total",
+    "referrer",
+    "placement",
+    "browser",
+    "os",
+    "device_class",
+    "country",
+    "source",
+)
+_FIXED_INDEX = {dim: i for i, dim in enumerate(_FIXED_DIMS)}
+_CROSS = tuple(
+    (_FIXED_INDEX[f], _FIXED_INDEX[d], f, d)
+    for f in CROSS_FILTERS
+    for d in CROSS_DIMENSIONS
+    if d != f
+)
+_HOURLY_INDEX = tuple((i, d) for i, d in enumerate(_FIXED_DIMS) if d in HOURLY)
+_SKETCHED_INDEX = tuple((i, d) for i, d in enumerate(_FIXED_DIMS) if d in SKETCHED)
+_cached_page = functools.lru_cache(maxsize=16_384)(page_path)
+_cached_referrer = functools.lru_cache(maxsize=4096)(referrer_domain)
+
+
+def _values(hit: HitRow) -> tuple[str, ...]:
+    """The values of ``_FIXED_DIMS`` for one hit (as ``dimension_values`` names them)."""
+    return (
+        "",
+        _cached_referrer(hit.referrer_url),
+        hit.placement_id or "(none)",
+        hit.browser_family or "Other",
+        hit.os_family or "Other",
+        hit.device_class or "other",
+        hit.country or "(unknown)",
+        hit.source or "web",
+    )
+
+
 class Accumulator:
-    """Pre-aggregates hits in Python: one entry per distinct rollup key."""
+    """Pre-aggregates hits in Python: one entry per distinct rollup key.
+
+    Per hit it only counts a signature (hour, visitor, values of the fixed dimensions)
+    and the page; the signatures are expanded into rollup keys once each in
+    ``statements``, and month rows are derived from day rows there too. A visitor's hits
+    within a batch mostly share one signature, so the expansion -- ~50 keys -- runs once
+    per visitor rather than once per hit (it was ~24 us a hit when it ran per hit).
+    """
 
     def __init__(self) -> None:
-        self.hits: defaultdict[HitsKey, list[int]] = defaultdict(lambda: [0, 0])
-        self.hll: dict[HllKey, int] = {}
-        self.month: defaultdict[MonthKey, list[int]] = defaultdict(lambda: [0, 0])
-        self.hll_month: dict[HllKey, int] = {}
+        self._sigs: dict[tuple[int, str, tuple[str, ...]], int] = {}
+        self._pages: dict[tuple[int, str], list[int]] = {}
         self._hashes: dict[str, tuple[int, int, int]] = {}
 
     def _visitor(self, visitor_id: str) -> tuple[int, int, int]:
@@ -178,50 +221,79 @@ class Accumulator:
         return found
 
     def add(self, hit: HitRow) -> None:
-        bit, reg, rho = self._visitor(hit.visitor_id)
         ts = hit.ts_ms
-        hour = ts - ts % HOUR_MS
-        day = ts - ts % DAY_MS
-        month = month_of(day)
-        values = dimension_values(hit)
-        acc = self.hits
-        hll = self.hll
-        for dim, value in values.items():
-            cell = acc[("", "", dim, "day", day, value)]
-            cell[0] += 1
-            cell[1] |= bit
-            cell = self.month[(dim, month, value)]
-            cell[0] += 1
-            cell[1] |= bit
-            if dim in HOURLY:
-                cell = acc[("", "", dim, "hour", hour, value)]
-                cell[0] += 1
-                cell[1] |= bit
-            if dim in SKETCHED:
-                key = (dim, value, day, reg)
-                if hll.get(key, 0) < rho:
-                    hll[key] = rho
-                key = (dim, value, month, reg)
-                if self.hll_month.get(key, 0) < rho:
-                    self.hll_month[key] = rho
-        for fdim in CROSS_FILTERS:
-            fvalue = values[fdim]
-            for dim in CROSS_DIMENSIONS:
-                if dim != fdim:
-                    cell = acc[(fdim, fvalue, dim, "day", day, values[dim])]
-                    cell[0] += 1
-                    cell[1] |= bit
+        vid = hit.visitor_id
+        key = (ts - ts % HOUR_MS, vid, _values(hit))
+        sigs = self._sigs
+        sigs[key] = sigs.get(key, 0) + 1
+        page_key = (ts - ts % DAY_MS, _cached_page(hit.page_url))
+        cell = self._pages.get(page_key)
+        if cell is None:
+            cell = self._pages[page_key] = [0, 0]
+        cell[0] += 1
+        cell[1] |= self._visitor(vid)[0]
 
-    def statements(self) -> list[Statement]:
+    def _expand(
+        self,
+    ) -> tuple[dict[HitsKey, list[int]], dict[HllKey, int]]:
+        acc: dict[HitsKey, list[int]] = {}
+        hll: dict[HllKey, int] = {}
+
+        def bump(key: HitsKey, n: int, bit: int) -> None:
+            cell = acc.get(key)
+            if cell is None:
+                acc[key] = [n, bit]
+            else:
+                cell[0] += n
+                cell[1] |= bit
+
+        for (day, page), (n, bits) in self._pages.items():
+            bump(("", "", "page", "day", day, page), n, bits)
+        for (hour, vid, values), n in self._sigs.items():
+            bit, reg, rho = self._visitor(vid)
+            day = hour - hour % DAY_MS
+            for i, dim in enumerate(_FIXED_DIMS):
+                bump(("", "", dim, "day", day, values[i]), n, bit)
+            for i, dim in _HOURLY_INDEX:
+                bump(("", "", dim, "hour", hour, values[i]), n, bit)
+            for i, dim in _SKETCHED_INDEX:
+                hkey = (dim, values[i], day, reg)
+                if hll.get(hkey, 0) < rho:
+                    hll[hkey] = rho
+            for fi, di, fdim, dim in _CROSS:
+                bump((fdim, values[fi], dim, "day", day, values[di]), n, bit)
+        return acc, hll
+
+    def statements(self, *, months: bool = True) -> list[Statement]:
+        """Upserts for everything added; ``months=False`` leaves the month rows out
+        (a rebuild derives them from the day rows instead)."""
+        acc, hll = self._expand()
         out: list[Statement] = []
-        if self.hits:
-            out.append((_UPSERT_HITS, [(*k, v[0], v[1]) for k, v in self.hits.items()]))
-        if self.hll:
-            out.append((_UPSERT_HLL, [(*k, rho) for k, rho in self.hll.items()]))
-        if self.month:
-            out.append((_UPSERT_MONTH, [(*k, v[0], v[1]) for k, v in self.month.items()]))
-        if self.hll_month:
-            out.append((_UPSERT_HLL_MONTH, [(*k, r) for k, r in self.hll_month.items()]))
+        if acc:
+            out.append((_UPSERT_HITS, [(*k, v[0], v[1]) for k, v in acc.items()]))
+        if hll:
+            out.append((_UPSERT_HLL, [(*k, rho) for k, rho in hll.items()]))
+        if not months:
+            return out
+        month_cells: dict[MonthKey, list[int]] = {}
+        for (fdim, _, dim, grain, bucket, value), (n, bits) in acc.items():
+            if fdim == "" and grain == "day":
+                mkey = (dim, month_of(bucket), value)
+                cell = month_cells.get(mkey)
+                if cell is None:
+                    month_cells[mkey] = [n, bits]
+                else:
+                    cell[0] += n
+                    cell[1] |= bits
+        hll_month: dict[HllKey, int] = {}
+        for (dim, value, day, reg), rho in hll.items():
+            hkey = (dim, value, month_of(day), reg)
+            if hll_month.get(hkey, 0) < rho:
+                hll_month[hkey] = rho
+        if month_cells:
+            out.append((_UPSERT_MONTH, [(*k, v[0], v[1]) for k, v in month_cells.items()]))
+        if hll_month:
+            out.append((_UPSERT_HLL_MONTH, [(*k, r) for k, r in hll_month.items()]))
         return out
 
 
@@ -327,9 +399,7 @@ async def _rebuild_day(tx: Transaction, day: int, columns: str) -> None:
     for row in rows:
         acc.add(_hit_row(row))
     # month rows are derived afterwards from the day rows, once per month
-    acc.month.clear()
-    acc.hll_month.clear()
-    for sql, batch_rows in acc.statements():
+    for sql, batch_rows in acc.statements(months=False):
         await tx.executemany(sql, batch_rows)
 
 
