@@ -77,11 +77,14 @@ def personal_tables() -> list[PersonalTable]:
     Tables that do not exist (yet) in the database are skipped.
     """
     return [
-        # IP statistics (3.3.2): rows named by an IP (scope 'ip') or a visitor id.
-        PersonalTable("ipstat_daily", ip_column="subject"),
-        PersonalTable("ipstat_values", ip_column="subject", visitor_column="subject"),
-        PersonalTable("ipstat_minute", ip_column="subject"),
+        # IP statistics (3.3.2): rows named by an IP or a visitor id.
+        PersonalTable("ipstat_daily", ip_column="ip"),
+        PersonalTable("ipstat_values", ip_column="ip", visitor_column="visitor"),
+        PersonalTable("ipstat_minute", ip_column="ip"),
         PersonalTable("ipstat_unconsented", ip_column="ip"),
+        PersonalTable("ipstat_unconsented_minute", ip_column="ip"),
+        # App collection: an app instance id is the app's visitor id.
+        PersonalTable("collect_dedupe", visitor_column="instance_id"),
     ]
 
 

@@ -111,8 +111,14 @@ def test_dashboard_shows_charts_and_tables_and_renders_strings_inert(
             page.fill("#token", tokens["engineer"])
             page.click("#login-form button[type=submit]")
             page.wait_for_selector("#engineer:not([hidden])")
-            # the IP-statistics API lands in another branch; until then its error shows
-            page.wait_for_function("document.querySelector('#ip-error').textContent.length > 0")
+            # Suspicious IPs from /api/ip, then a lookup through the form (3.3.2).
+            page.wait_for_selector("#ip-table tbody tr")
+            assert page.text_content("#ip-error") == ""
+            assert "81.2.69.142" in (page.text_content("#ip-table tbody") or "")
+            page.fill("#ip", "81.2.69.142")
+            page.click("#ip-form button[type=submit]")
+            page.wait_for_selector("#ip-result h3")
+            assert (page.text_content("#ip-result h3") or "").startswith("81.2.69.142")
             page.screenshot(path=str(ARTIFACTS / "dashboard-engineer.png"), full_page=True)
             assert errors == []
             assert outside == []
