@@ -15,7 +15,7 @@ domain, placement id, browser family, OS family, device class, country and sourc
   (``CROSS_FILTERS`` x ``CROSS_DIMENSIONS``), so a query with one filter never reads raw
   hits. Page is left out of the cross product: with thousands of paths it made the
   rollups larger than the hits and writes several times slower (measured, see
-  docs/PERFORMANCE-stats.md).
+  docs/PERFORMANCE.md, "Statistics queries").
 - ``vbits`` on every row: a 63-bit linear-counting bitmap of hashed visitor ids, merged by
   OR. Its popcount is a *lower bound* of the distinct visitors (two visitors can share a
   bit, one visitor never sets two), so small-count suppression (k) that trusts it can
@@ -64,8 +64,8 @@ DIMENSIONS: tuple[str, ...] = (
     "source",
 )
 FILTERS: tuple[str, ...] = ("page", "placement", "country", "device_class", "source")
-# What is kept where. Measured on the 5M-hit benchmark (docs/PERFORMANCE-stats.md), the
-# full cross product with page (thousands of paths) made the rollups larger than the hits
+# What is kept where. Measured on the 5M-hit benchmark (docs/PERFORMANCE.md), the full
+# cross product with page (thousands of paths) made the rollups larger than the hits
 # and writes 50x slower, so page and referrer take part only one-dimensionally.
 HOURLY: frozenset[str] = frozenset({"total", "placement", "country", "device_class", "source"})
 CROSS_FILTERS: tuple[str, ...] = ("placement", "country", "device_class", "source")
