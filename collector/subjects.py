@@ -77,11 +77,12 @@ def personal_tables() -> list[PersonalTable]:
     Tables that do not exist (yet) in the database are skipped.
     """
     return [
-        # IP statistics (3.3.2): rows named by an IP (scope 'ip') or a visitor id.
-        PersonalTable("ipstat_daily", ip_column="subject"),
-        PersonalTable("ipstat_values", ip_column="subject", visitor_column="subject"),
-        PersonalTable("ipstat_minute", ip_column="subject"),
+        # IP statistics (3.3.2): rows per IP; ipstat_values also names visitor ids.
+        PersonalTable("ipstat_daily", ip_column="ip"),
+        PersonalTable("ipstat_values", ip_column="ip", visitor_column="visitor"),
+        PersonalTable("ipstat_minute", ip_column="ip"),
         PersonalTable("ipstat_unconsented", ip_column="ip"),
+        PersonalTable("ipstat_unconsented_minute", ip_column="ip"),
     ]
 
 

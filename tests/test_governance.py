@@ -258,7 +258,7 @@ async def test_subject_export_holds_everything_about_the_visitor(
     assert by_hash["hits"] == [] and [r["consent_id"] for r in by_hash["consent_records"]] == [
         "c-9"
     ]
-    assert by_ip["ipstat_daily"][0]["subject"] == "81.2.69.142"
+    assert by_ip["ipstat_daily"][0]["ip"] == "81.2.69.142"
     (entry,) = await app.audit.entries(action="subject.export", subject=ALICE)
     assert json.loads(entry["detail"])["hits"] == 2 and entry["outcome"] == "200"
 
@@ -288,11 +288,9 @@ async def test_erasure_deletes_hits_and_per_ip_rows_and_keeps_consent_proof(
     assert (NOW - 2 * DAY, NOW + 1) in rollup.calls
     assert await DailyRollup.total(app) == 1
     # Per-IP statistics no longer name Alice, and count only Bob's hit.
-    named = await app.storage.fetch_all(
-        "SELECT * FROM ipstat_values WHERE subject = ? OR value = ?", [ALICE, ALICE]
-    )
+    named = await app.storage.fetch_all("SELECT * FROM ipstat_values WHERE visitor = ?", [ALICE])
     assert named == []
-    ip_days = await app.storage.fetch_all("SELECT hits FROM ipstat_daily WHERE scope = 'ip'")
+    ip_days = await app.storage.fetch_all("SELECT hits FROM ipstat_daily")
     assert ip_days == [{"hits": 1}]
     blocks = await app.storage.fetch_all("SELECT value, released_at FROM blocks ORDER BY id")
     assert blocks[0]["value"].startswith("erased-")  # released: history, pseudonymised
