@@ -160,7 +160,7 @@ async def test_blocked_visitor_is_no_longer_recorded_and_vanishes_from_stats(
     again = await client.post(
         "/api/admin/blocks", json={"visitor": ALICE, "reason": "twice"}, headers=admin
     )
-    assert again.status_code == 400 and "blocked already" in again.json()["detail"]
+    assert again.status_code == 409 and "blocked already" in again.json()["detail"]
 
     released = await client.delete(f"/api/admin/blocks/{block['id']}", headers=admin)
     assert released.status_code == 200 and released.json()["released_by"] == "admin"
