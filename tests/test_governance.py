@@ -164,6 +164,9 @@ async def test_blocked_visitor_is_no_longer_recorded_and_vanishes_from_stats(
 
     released = await client.delete(f"/api/admin/blocks/{block['id']}", headers=admin)
     assert released.status_code == 200 and released.json()["released_by"] == "admin"
+    # An id past 64 bits cannot name a block (it once overflowed the driver: a 500).
+    huge = await client.delete(f"/api/admin/blocks/{2**64}", headers=admin)
+    assert huge.status_code == 404
     assert await DailyRollup.total(app) == 4  # Alice's two hits are back, beside Bob's two
     await client.get("/p.gif", headers=alice)
     await app.writer.flush()

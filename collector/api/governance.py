@@ -14,11 +14,13 @@ from starlette.routing import Route
 from collector import blocking, incident, retention, subjects
 from collector.api import page
 from collector.auth import Principal
-from collector.errors import InputError
+from collector.errors import InputError, NotFound
 from collector.subjects import Subject
 
 if TYPE_CHECKING:
     from collector.app import CollectorApp
+
+MAX_ID = 2**63 - 1  # ids are 64-bit in both backends; larger cannot name a row
 
 
 async def _body(request: Request) -> dict[str, Any]:
@@ -69,6 +71,8 @@ def governance_routes(app: CollectorApp) -> list[Route]:
             block_id = int(request.path_params["block_id"])
         except ValueError:
             raise InputError("block id: expected an integer") from None
+        if not 1 <= block_id <= MAX_ID:
+            raise NotFound(f"no active block with id {block_id}")
         row = await blocking.release(app.storage, block_id, who.name, gov.rebuilders)
         request.state.audit_subject = row["value"]
         request.state.audit_detail = {"kind": row["kind"], "block_id": block_id}
