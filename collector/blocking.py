@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from collector.aggregates import Rebuilder
-from collector.errors import InputError, NotFound, StorageError
+from collector.errors import Conflict, InputError, NotFound, StorageError
 from collector.storage.base import HitRow, Storage
 from collector.subjects import Subject, rebuild, span
 
@@ -102,7 +102,7 @@ async def add(
             "SELECT id FROM blocks WHERE kind = ? AND value = ? AND released_at IS NULL",
             [subject.kind, subject.value],
         ):
-            raise InputError(f"{subject.kind} {subject.value} is blocked already")
+            raise Conflict(f"{subject.kind} {subject.value} is blocked already")
         await tx.execute(
             "INSERT INTO blocks (kind, value, reason, created_at, created_by) "
             "VALUES (?, ?, ?, ?, ?)",

@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from collector import openapi
 from collector.collect.consent_token import app_consent_token
 from collector.config import Settings
 from collector.consent import ADVERTISING, STATISTICS, Consent, ConsentCodec, ConsentReader
@@ -314,3 +315,127 @@ class _Forbidden(CollectorError):
 class _Conflict(CollectorError):
     status = 409
     code = "consent_managed_externally"
+
+
+# --- OpenAPI ------------------------------------------------------------------------------
+
+_STATE: dict[str, Any] = {
+    "type": "object",
+    "required": [
+        "statistics",
+        "advertising",
+        "policy_version",
+        "consent_id",
+        "decided_at",
+        "stale",
+        "source",
+    ],
+    "properties": {
+        "statistics": {"type": "boolean"},
+        "advertising": {
+            "type": "boolean",
+            "description": "false under Sec-GPC: 1 (DNT: 1 when honoured), whatever was decided",
+        },
+        "policy_version": {"type": "string"},
+        "consent_id": {"type": "string", "nullable": True},
+        "decided_at": {"type": "string", "format": "date-time", "nullable": True},
+        "stale": {
+            "type": "boolean",
+            "description": "Decided under a policy version that no longer counts: ask again",
+        },
+        "source": {"type": "string", "enum": ["cookie", "cookieconsent", "tcf", "plain"]},
+    },
+}
+_APP_STATE = {
+    **_STATE,
+    "properties": {
+        **_STATE["properties"],
+        "token": {"type": "string", "description": "Send back in X-Consent with /collect"},
+        "header": {"type": "string", "enum": ["X-Consent"]},
+        "expires_at": {"type": "string", "format": "date-time"},
+        "expires_in": {"type": "integer"},
+    },
+}
+_FLAG = {"type": "string", "enum": sorted(_TRUE | _FALSE)}
+_BAD_BODY = {
+    "description": "A decision this endpoint cannot read; `field` names the culprit",
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["error", "detail"],
+                "properties": {
+                    "error": {"type": "string"},
+                    "detail": {"type": "string"},
+                    "field": {"type": "string"},
+                },
+            }
+        }
+    },
+}
+
+
+_CHANGE_ERRORS = {
+    "403": openapi.error(
+        "Origin (else Referer) missing or not allowed to change consent (CSRF); "
+        'apps ({"client": "app"}) are exempt'
+    ),
+    "409": openapi.error("consent.source is an external platform: decide there, not here"),
+    "503": openapi.error("The consent record could not be stored: nothing was changed"),
+}
+openapi.operation(
+    "GET",
+    "/consent",
+    summary="The consent in force for this browser (kdv_consent cookie)",
+    tag="consent",
+    response=_STATE,
+)
+openapi.operation(
+    "POST",
+    "/consent",
+    summary="Give, refuse or change consent; a missing purpose is a refusal",
+    tag="consent",
+    description=(
+        "Stores a consent record, then replaces the kdv_consent cookie (Set-Cookie); without "
+        "statistics the visitor and session cookies expire at once. With "
+        '`"client": "app"` no cookie is set: the answer carries the token for X-Consent.'
+    ),
+    request_body={
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "statistics": {"type": "boolean"},
+                        "advertising": {"type": "boolean"},
+                        "client": {"type": "string", "enum": ["web", "app"], "default": "web"},
+                    },
+                }
+            },
+            "application/x-www-form-urlencoded": {
+                "schema": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"statistics": _FLAG, "advertising": _FLAG},
+                }
+            },
+        },
+    },
+    response=_APP_STATE,
+    responses={
+        "400": _BAD_BODY,
+        **_CHANGE_ERRORS,
+        "413": openapi.error(f"Body larger than {MAX_BODY} bytes"),
+        "415": openapi.error("Content-Type is neither JSON nor a urlencoded form"),
+    },
+)
+openapi.operation(
+    "DELETE",
+    "/consent",
+    summary="Withdraw consent: statistics and advertising refused from now on",
+    tag="consent",
+    response=_STATE,
+    responses=_CHANGE_ERRORS,
+)

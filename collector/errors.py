@@ -8,7 +8,8 @@ The API turns a ``CollectorError`` into ``{"error": code, "detail": ...}`` with 
     ├── StorageError         the database cannot be reached or written
     │   └── DatabaseUnreachable  no connection at all (the spool takes over)
     ├── InputError           a request or CLI argument is malformed (400)
-    │   └── NotFound         the thing named does not exist (404)
+    │   ├── NotFound         the thing named does not exist (404)
+    │   └── Conflict         well formed, but clashes with what is there (409)
     └── AuthError            missing or bad credentials (401)
         └── Forbidden        valid credentials, wrong role (403)
 """
@@ -47,6 +48,11 @@ class InputError(CollectorError):
 class NotFound(InputError):
     status = 404
     code = "not_found"
+
+
+class Conflict(InputError):
+    status = 409
+    code = "conflict"
 
 
 class AuthError(CollectorError):

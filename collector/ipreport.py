@@ -25,7 +25,8 @@ from collector.visibility import VISIBLE
 
 Kind = Literal["ip", "network"]
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_CURSOR = re.compile(r"^(\d{1,16})\.(\d{1,19})$")
+# Row ids are signed 64-bit: 18 digits always fit.
+CURSOR = re.compile(r"^(\d{1,16})\.(\d{1,18})$")
 _HIT_FIELDS = (
     "id, ts_ms, visitor_id, session_id, user_agent, browser_family, browser_version, "
     "os_family, os_version, device_class, page_url, referrer_url, placement_id, country, "
@@ -222,7 +223,7 @@ async def raw_hits(
     where = ["ip = ?"]
     params: list[Any] = [ip]
     if cursor:
-        match = _CURSOR.match(cursor)
+        match = CURSOR.match(cursor)
         if not match:
             raise InputError(f"cursor: {cursor[:40]!r} is not a cursor from a previous page")
         ts, hit_id = int(match[1]), int(match[2])

@@ -2,13 +2,16 @@
 
 Each API module calls ``operation(...)`` beside its ``Route``; ``document(routes)`` turns
 the declarations of the routes the app actually serves into the document, and
-``undeclared(routes)`` lists API routes without one (a test keeps it empty). The
-declarations are static metadata (like the routes themselves), so a module-level table
-keyed by (method, path) is enough; declaring twice replaces.
+``undeclared(routes)`` lists API routes without one (a test keeps it empty). A module
+that describes itself as a ready-made OpenAPI path item (``collector.collect``) hands it
+to ``register_path`` with the component schemas it refers to. The declarations are
+static metadata (like the routes themselves), so module-level tables keyed by
+(method, path) are enough; declaring twice replaces.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +38,12 @@ class Operation:
 
 
 _OPERATIONS: dict[tuple[str, str], Operation] = {}
+# Ready-made operation objects (register_path) and the component schemas they refer to.
+_READY: dict[tuple[str, str], dict[str, Any]] = {}
+_SCHEMAS: dict[str, dict[str, Any]] = {}
+_RESERVED_SCHEMAS = frozenset({"Error"})
+# Starlette's "{name:convertor}" is "{name}" in OpenAPI (and in the declarations).
+_CONVERTOR = re.compile(r"\{(\w+):\w+\}")
 
 
 def operation(
@@ -75,6 +84,19 @@ def operation(
     )
 
 
+def register_path(
+    path: str, item: Mapping[str, Mapping[str, Any]], schemas: Mapping[str, Any]
+) -> None:
+    """Declare every operation of a ready-made path item, as it stands (no error answers
+    are added), and the ``#/components/schemas`` it refers to."""
+    for name, schema in schemas.items():
+        if name in _RESERVED_SCHEMAS or _SCHEMAS.get(name, schema) != schema:
+            raise ValueError(f"component schema {name!r} is declared already")
+        _SCHEMAS[name] = dict(schema)
+    for method, op in item.items():
+        _READY[(method.upper(), path)] = dict(op)
+
+
 def query(
     name: str,
     schema: Mapping[str, Any],
@@ -101,7 +123,8 @@ def path_param(name: str, schema: Mapping[str, Any], description: str) -> dict[s
     }
 
 
-def _error(description: str) -> dict[str, Any]:
+def error(description: str) -> dict[str, Any]:
+    """A response with the shared error schema, for ``responses={...}``."""
     return {"description": description, "content": {"application/json": {"schema": ERROR_REF}}}
 
 
@@ -109,25 +132,28 @@ def _served(routes: Iterable[BaseRoute]) -> list[tuple[str, str]]:
     found = []
     for route in routes:
         if isinstance(route, Route) and route.path.startswith(DOCUMENTED_PREFIXES):
+            path = _CONVERTOR.sub(r"{\1}", route.path)
             for method in sorted(route.methods or ()):
-                if method != "HEAD":
-                    found.append((method, route.path))
+                # HEAD mirrors GET; OPTIONS on /consent is the browser's CORS preflight,
+                # part of the HTTP plumbing rather than the API (no client calls it).
+                if method not in ("HEAD", "OPTIONS"):
+                    found.append((method, path))
     return found
 
 
 def undeclared(routes: Iterable[BaseRoute]) -> list[tuple[str, str]]:
     """API routes the app serves that have no OpenAPI declaration."""
-    return [key for key in _served(routes) if key not in _OPERATIONS]
+    return [key for key in _served(routes) if key not in _OPERATIONS and key not in _READY]
 
 
 def _operation_object(op: Operation) -> dict[str, Any]:
     responses: dict[str, Any] = {k: dict(v) for k, v in op.responses.items()}
-    responses.setdefault("400", _error("Bad parameter (the detail names it)"))
+    responses.setdefault("400", error("Bad parameter (the detail names it)"))
     if op.roles:
-        responses.setdefault("401", _error("Missing, invalid or revoked bearer token"))
-        responses.setdefault("403", _error("The token's role may not use this route"))
-        responses.setdefault("429", _error("Too many failed authentications from this address"))
-    responses.setdefault("503", _error("The database cannot be reached"))
+        responses.setdefault("401", error("Missing, invalid or revoked bearer token"))
+        responses.setdefault("403", error("The token's role may not use this route"))
+        responses.setdefault("429", error("Too many failed authentications from this address"))
+    responses.setdefault("503", error("The database cannot be reached"))
     out: dict[str, Any] = {
         "operationId": f"{op.method.lower()}_{op.path.strip('/').replace('/', '_')}".replace(
             "{", ""
@@ -156,10 +182,13 @@ def _operation_object(op: Operation) -> dict[str, Any]:
 def document(routes: Iterable[BaseRoute], version: str = "0.1.0") -> dict[str, Any]:
     """The OpenAPI 3.0 document for the declared operations of the routes served."""
     served = set(_served(routes))
+    operations: dict[tuple[str, str], dict[str, Any]] = {
+        **{key: _operation_object(op) for key, op in _OPERATIONS.items() if key in served},
+        **{key: dict(op) for key, op in _READY.items() if key in served},
+    }
     paths: dict[str, dict[str, Any]] = {}
-    for key, op in sorted(_OPERATIONS.items(), key=lambda item: (item[0][1], item[0][0])):
-        if key in served:
-            paths.setdefault(op.path, {})[op.method.lower()] = _operation_object(op)
+    for (method, path), op in sorted(operations.items(), key=lambda item: item[0][::-1]):
+        paths.setdefault(path, {})[method.lower()] = op
     return {
         "openapi": "3.0.3",
         "info": {
@@ -179,7 +208,8 @@ def document(routes: Iterable[BaseRoute], version: str = "0.1.0") -> dict[str, A
                     "type": "object",
                     "required": ["error", "detail"],
                     "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
-                }
+                },
+                **_SCHEMAS,
             },
         },
     }

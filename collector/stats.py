@@ -41,6 +41,10 @@ MAX_DAYS = 3660
 MAX_HOUR_DAYS = 92
 MAX_LIMIT = 1000
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+# Hits are unix milliseconds, so nothing lies before 1970; the last year stops short of
+# date.max so that the day and month after any range stay representable.
+MIN_DATE, MAX_DATE = "1970-01-01", "9998-12-31"
+DATE_PATTERN = r"^(19[7-9]\d|[2-8]\d{3}|9[0-8]\d{2}|99[0-8]\d)-"
 _ALPHA = 0.7213 / (1 + 1.079 / HLL_M)
 
 
@@ -91,6 +95,8 @@ def _date(params: Mapping[str, str], name: str, default: str) -> str:
         dt.date.fromisoformat(raw)
     except ValueError:
         raise InputError(f"{name}: not a calendar date: {raw!r}") from None
+    if not MIN_DATE <= raw <= MAX_DATE:
+        raise InputError(f"{name}: must lie between {MIN_DATE} and {MAX_DATE}, got {raw}")
     return raw
 
 
@@ -98,7 +104,7 @@ def parse_query(params: Mapping[str, str], today: str | None = None) -> Query:
     """Validate query parameters; an InputError (400) names the first bad one."""
     today = today or dt.datetime.now(dt.UTC).date().isoformat()
     date_to = _date(params, "to", today)
-    date_from = _date(params, "from", shift(date_to, -(DEFAULT_DAYS - 1)))
+    date_from = _date(params, "from", max(MIN_DATE, shift(date_to, -(DEFAULT_DAYS - 1))))
     days = (dt.date.fromisoformat(date_to) - dt.date.fromisoformat(date_from)).days + 1
     if days < 1:
         raise InputError(f"from: must not be after to ({date_from} > {date_to})")

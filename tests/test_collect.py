@@ -570,7 +570,7 @@ def test_example_config_documents_every_collect_key() -> None:
 
 def test_openapi_description_refers_only_to_its_own_schemas() -> None:
     operation = OPENAPI["/collect"]["post"]
-    assert set(operation["responses"]) == {"200", "207", "400", "413", "415", "429", "503"}
+    assert set(operation["responses"]) == {"200", "207", "400", "404", "413", "415", "429", "503"}
     refs = set()
 
     def walk(node: Any) -> None:

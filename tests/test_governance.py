@@ -160,10 +160,13 @@ async def test_blocked_visitor_is_no_longer_recorded_and_vanishes_from_stats(
     again = await client.post(
         "/api/admin/blocks", json={"visitor": ALICE, "reason": "twice"}, headers=admin
     )
-    assert again.status_code == 400 and "blocked already" in again.json()["detail"]
+    assert again.status_code == 409 and "blocked already" in again.json()["detail"]
 
     released = await client.delete(f"/api/admin/blocks/{block['id']}", headers=admin)
     assert released.status_code == 200 and released.json()["released_by"] == "admin"
+    # An id past 64 bits cannot name a block (it once overflowed the driver: a 500).
+    huge = await client.delete(f"/api/admin/blocks/{2**64}", headers=admin)
+    assert huge.status_code == 404
     assert await DailyRollup.total(app) == 4  # Alice's two hits are back, beside Bob's two
     await client.get("/p.gif", headers=alice)
     await app.writer.flush()

@@ -310,6 +310,9 @@ async def test_engineer_api_roles_audit_and_shapes(app: CollectorApp) -> None:
         assert empty["score"] == 0 and empty["days"] == [] and empty["hits"]["items"] == []
         bad = await c.get("/api/ip/999.1.2.3", headers=bearer(eng))
         assert bad.status_code == 400 and "999.1.2.3" in bad.json()["detail"]
+        huge = {"cursor": "1." + "9" * 19}  # past a 64-bit id: once a 500
+        bad = await c.get(f"/api/ip/{BURST}", params=huge, headers=bearer(eng))
+        assert bad.status_code == 400 and bad.json()["detail"].startswith("cursor")
         csv_day = await c.get(f"/api/ip/{BURST}", params={"format": "csv"}, headers=bearer(eng))
         assert csv_day.text.splitlines()[0].startswith("date,hits,visitors")
         csv_top = await c.get("/api/ip", params={"format": "csv"}, headers=bearer(eng))

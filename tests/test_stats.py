@@ -367,11 +367,21 @@ async def test_bad_parameters_get_a_400_that_names_them(
         "country=KZ&source=web": "source",
         "format=xml": "format",
         "page=/&by=country": "page",
+        "to=0001-01-05": "to",  # these once overflowed date arithmetic (a 500)
+        "from=9999-12-31&to=9999-12-31": "to",
+        "from=1969-12-31&to=1970-01-01": "from",
     }
     for qs, name in cases.items():
         r = await client.get(f"/api/stats/breakdown?{qs}", headers=bearer(token))
         assert r.status_code == 400, qs
         assert r.json()["error"] == "bad_request" and r.json()["detail"].startswith(name), qs
+    for kind in ("summary", "timeseries", "breakdown", "consent"):
+        edge = await client.get(f"/api/stats/{kind}?to=1970-01-05", headers=bearer(token))
+        assert edge.json()["query"]["from"] == "1970-01-01", kind  # default from clamped
+        last = await client.get(
+            f"/api/stats/{kind}?from=9998-12-31&to=9998-12-31", headers=bearer(token)
+        )
+        assert last.status_code == 200, kind
 
 
 async def test_openapi_documents_every_api_route(
@@ -384,9 +394,17 @@ async def test_openapi_documents_every_api_route(
     assert {"/api/whoami", "/api/audit", "/api/audit/verify", "/api/stats/breakdown"} <= set(
         doc["paths"]
     )
+    assert {"/consent", "/collect", "/api/ip/{ip}", "/api/admin/blocks/{block_id}"} <= set(
+        doc["paths"]
+    )
+    assert "options" not in doc["paths"]["/consent"]  # CORS preflight, not API
+    assert "CollectBatch" in doc["components"]["schemas"]
     for path, ops in doc["paths"].items():
         for op in ops.values():
-            assert {"400", "401", "403"} <= set(op["responses"]), path
+            assert {"200", "400"} & set(op["responses"]), path
+            if not op.get("security"):
+                continue  # /consent and /collect are public
+            assert {"400", "401", "403", "429"} <= set(op["responses"]), path
             assert op["responses"]["403"]["content"]["application/json"]["schema"] == {
                 "$ref": "#/components/schemas/Error"
             }

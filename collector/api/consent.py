@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from collector import openapi
 from collector.api import page
 from collector.auth import Principal
 from collector.errors import InputError, NotFound
@@ -39,3 +40,50 @@ def consent_routes(app: CollectorApp) -> list[Route]:
         return JSONResponse(page(records, consent_id=consent_id))
 
     return [Route("/api/consent/{consent_id}", consent_chain, methods=["GET"])]
+
+
+openapi.operation(
+    "GET",
+    "/api/consent/{consent_id}",
+    summary="Every consent record linked to this consent id, oldest first (proof of consent)",
+    roles=("admin",),
+    tag="consent",
+    parameters=[
+        openapi.path_param(
+            "consent_id",
+            {"type": "string", "pattern": _CONSENT_ID.pattern},
+            "A consent id (from the cookie, a record or a hit); earlier and later "
+            "decisions of the same browser are followed through previous_id.",
+        )
+    ],
+    response={
+        "type": "object",
+        "required": ["items", "count", "consent_id"],
+        "properties": {
+            "consent_id": {"type": "string"},
+            "count": {"type": "integer"},
+            "items": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["consent_id", "action", "statistics", "advertising"],
+                    "properties": {
+                        "consent_id": {"type": "string"},
+                        "previous_id": {"type": "string", "nullable": True},
+                        "action": {"type": "string", "enum": ["grant", "refuse", "withdraw"]},
+                        "statistics": {"type": "boolean"},
+                        "advertising": {"type": "boolean"},
+                        "policy_version": {"type": "string"},
+                        "decided_at_ms": {"type": "integer"},
+                        "source": {"type": "string"},
+                        "origin": {"type": "string", "nullable": True},
+                        "user_agent_family": {"type": "string"},
+                        "ip_hash": {"type": "string"},
+                        "gpc": {"type": "boolean"},
+                    },
+                },
+            },
+        },
+    },
+    responses={"404": openapi.error("No consent record has this id")},
+)

@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from collector import ipreport
+from collector import ipreport, openapi
 from collector.api import int_param
 from collector.auth import Principal
 from collector.enrich import normalize_ip
@@ -155,3 +155,187 @@ def ip_routes(app: CollectorApp) -> list[Route]:
         Route("/api/ip", ip_top, methods=["GET"]),
         Route("/api/ip/{ip:path}", ip_lookup, methods=["GET"]),
     ]
+
+
+# --- OpenAPI ------------------------------------------------------------------------------
+
+_ROLES = ("engineer", "admin")
+_STR = {"type": "string"}
+_NSTR = {"type": "string", "nullable": True}
+_INT = {"type": "integer"}
+_NINT = {"type": "integer", "nullable": True}
+_RULES = {"type": "array", "items": _STR}
+_IP = {"type": "string", "anyOf": [{"format": "ipv4"}, {"format": "ipv6"}]}
+_DATE = openapi.query(
+    "date", {"type": "string", "format": "date"}, "The day (UTC); default: the latest day seen."
+)
+_FORMAT = openapi.query(
+    "format", {"type": "string", "enum": ["json", "csv"]}, "csv: the rows as a spreadsheet."
+)
+_GEO = {
+    "type": "object",
+    "properties": {
+        "country": _NSTR,
+        "region": _NSTR,
+        "city": _NSTR,
+        "asn": _NINT,
+        "as_org": _NSTR,
+        **{
+            flag: {"type": "boolean"}
+            for flag in (
+                "is_anonymous",
+                "is_anonymous_vpn",
+                "is_hosting_provider",
+                "is_public_proxy",
+                "is_residential_proxy",
+                "is_tor_exit_node",
+            )
+        },
+    },
+}
+_DAY = {
+    "type": "object",
+    "required": list(DAY_COLUMNS),
+    "properties": {
+        "date": {"type": "string", "format": "date"},
+        "hits": _INT,
+        "visitors": _INT,
+        "user_agents": _INT,
+        "first_seen": _NSTR,
+        "last_seen": _NSTR,
+        "peak_per_minute": _INT,
+        "countries": {"type": "array", "items": _STR},
+        "bot_hits": _INT,
+        "no_page_hits": _INT,
+        "score": _INT,
+        "rules": _RULES,
+        "unconsented": {
+            "type": "object",
+            "nullable": True,
+            "description": "Hits without statistics consent, counted without a visitor id",
+            "properties": {
+                "hits": _INT,
+                "bot_hits": _INT,
+                "crawler_hits": _INT,
+                "peak_per_minute": _INT,
+            },
+        },
+    },
+}
+openapi.operation(
+    "GET",
+    "/api/ip/{ip}",
+    summary="One IP: geo, fraud score and signals, per-day figures, its raw hits",
+    roles=_ROLES,
+    tag="ip",
+    description="Raw hits of blocked subjects (6.2.4) are shown to admins only, marked.",
+    parameters=[
+        openapi.path_param("ip", _IP, "IPv4 or IPv6 address."),
+        _DATE,
+        openapi.query("days", {"type": "integer", "minimum": 1, "maximum": 400}, "Days back (30)."),
+        openapi.query(
+            "cursor",
+            {"type": "string", "pattern": ipreport.CURSOR.pattern},
+            "next_cursor of the previous page of hits.",
+        ),
+        openapi.query(
+            "limit", {"type": "integer", "minimum": 1, "maximum": 500}, "Hits per page (50)."
+        ),
+        _FORMAT,
+    ],
+    csv=True,
+    response={
+        "type": "object",
+        "required": ["ip", "network", "date", "geo", "score", "signals", "crawler", "days", "hits"],
+        "properties": {
+            "ip": _STR,
+            "network": _STR,
+            "date": {"type": "string", "format": "date"},
+            "geo": _GEO,
+            "score": _INT,
+            "signals": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["rule", "explanation"],
+                    "properties": {
+                        "rule": _STR,
+                        "explanation": _STR,
+                        "value": {},
+                        "threshold": {},
+                    },
+                },
+            },
+            "crawler": _NSTR,
+            "days": {"type": "array", "items": _DAY},
+            "hits": {
+                "type": "object",
+                "required": ["items", "next_cursor"],
+                "properties": {
+                    "next_cursor": _NSTR,
+                    "items": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["ts", "ts_ms"],
+                            "properties": {
+                                "ts": _STR,
+                                "ts_ms": _INT,
+                                "visitor_id": _STR,
+                                "blocked": {"type": "boolean", "description": "admins only"},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+)
+openapi.operation(
+    "GET",
+    "/api/ip",
+    summary="The most suspicious IPs or networks of one day",
+    roles=_ROLES,
+    tag="ip",
+    parameters=[
+        _DATE,
+        openapi.query(
+            "sort", {"type": "string", "enum": ["score", "hits", "visitors"]}, "Order (score)."
+        ),
+        openapi.query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "At most."),
+        openapi.query("kind", {"type": "string", "enum": ["ip", "network"]}, "Per IP or /24."),
+        openapi.query(
+            "min_score", {"type": "integer", "minimum": 0, "maximum": 100}, "Leave out below."
+        ),
+        _FORMAT,
+    ],
+    csv=True,
+    response={
+        "type": "object",
+        "required": ["date", "kind", "items", "count"],
+        "properties": {
+            "date": {"type": "string", "format": "date"},
+            "kind": {"type": "string", "enum": ["ip", "network"]},
+            "count": _INT,
+            "items": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": list(TOP_COLUMNS),
+                    "properties": {
+                        "ip": _NSTR,
+                        "network": _STR,
+                        "score": _INT,
+                        "rules": _RULES,
+                        "hits": _INT,
+                        "visitors": _INT,
+                        "country": _NSTR,
+                        "asn": _NINT,
+                        "as_org": _NSTR,
+                        "crawler": _NSTR,
+                    },
+                },
+            },
+        },
+    },
+)

@@ -111,17 +111,18 @@ def stats_routes(app: CollectorApp) -> list[Route]:
 
 _ROLES = ("analyst", "engineer", "admin")
 _DATE = {"type": "string", "format": "date"}
+_DATE_PARAM = {**_DATE, "pattern": stats.DATE_PATTERN}
 _NULLABLE_INT = {"type": "integer", "nullable": True}
 _NULLABLE_NUM = {"type": "number", "nullable": True}
 _COMMON = [
     openapi.query(
         "from",
-        _DATE,
+        _DATE_PARAM,
         "First day (UTC, inclusive); default: 29 days before `to`. The range may span at "
         f"most {stats.MAX_DAYS} days ({stats.MAX_HOUR_DAYS} with granularity=hour); "
-        "`from` after `to` is a 400.",
+        f"`from` after `to` is a 400. Days from {stats.MIN_DATE} to {stats.MAX_DATE}.",
     ),
-    openapi.query("to", _DATE, "Last day (UTC, inclusive); default: today."),
+    openapi.query("to", _DATE_PARAM, "Last day (UTC, inclusive); default: today."),
     *(
         openapi.query(name, {"type": "string", "minLength": 1, "maxLength": 512}, desc)
         for name, desc in (

@@ -1,7 +1,8 @@
-"""The OpenAPI 3.1 description of ``POST /collect``, for ``/openapi.json``.
+"""The OpenAPI 3.0 description of ``POST /collect``, for ``/openapi.json``.
 
 ``OPENAPI`` maps the path to its path item; ``SCHEMAS`` are the components it refers to
-(``#/components/schemas/...``). Register both with the route registry.
+(``#/components/schemas/...``); routes.py registers both with ``collector.openapi``.
+3.0 like the rest of the document: ``nullable``, not ``"type": [..., "null"]``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 _STR = {"type": "string"}
+# Free text: at most 8192 characters, with something besides blanks and control characters
+# (those are stripped, and an empty screen or page counts as absent).
+_TEXT = {"type": "string", "maxLength": 8192, "pattern": r"[^\s\x00-\x1f\x7f]"}
 _SHORT = {"type": "string", "pattern": r"^[A-Za-z0-9 ._+()-]{1,32}$"}
 _MODEL = {"type": "string", "pattern": r"^[A-Za-z0-9 ,._+()-]{1,64}$"}
 _DEVICE: dict[str, Any] = {
@@ -37,15 +41,27 @@ SCHEMAS: dict[str, Any] = {
             },
             "time": {
                 "oneOf": [
-                    {"type": "integer", "description": "unix milliseconds"},
-                    {"type": "string", "format": "date-time"},
+                    {
+                        "type": "integer",
+                        "minimum": 0,
+                        "maximum": 10**14 - 1,
+                        "description": "unix milliseconds",
+                    },
+                    {"type": "string", "format": "date-time", "maxLength": 40},
                 ],
                 "description": "Client time. Stored as client_ts_ms; the hit time is clamped "
                 "into [receive - collect.max_age_hours, receive] and flagged.",
             },
-            "screen": {**_STR, "description": "App screen name; stored as app://<screen>."},
-            "page": {**_STR, "format": "uri", "description": "http(s) URL (server, webview)."},
-            "referrer": {**_STR, "description": "Previous URL or previous screen name."},
+            "screen": {
+                **_TEXT,
+                "description": "App screen name; stored as app://<screen>.",
+            },
+            "page": {
+                **_TEXT,
+                "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://",
+                "description": "http(s) URL (server, webview).",
+            },
+            "referrer": {**_TEXT, "description": "Previous URL or previous screen name."},
             "placement": {
                 "type": "string",
                 "pattern": r"^[A-Za-z0-9 ._:/-]{1,128}$",
@@ -54,7 +70,18 @@ SCHEMAS: dict[str, Any] = {
             },
             **_DEVICE,
         },
-        "description": "Exactly one of screen or page.",
+        "allOf": [
+            # Exactly one of screen or page (both present match both branches).
+            {"oneOf": [{"required": ["screen"]}, {"required": ["page"]}]},
+            # An ad_impression names its placement.
+            {
+                "anyOf": [
+                    {"properties": {"type": {"enum": ["page_view", "screen_view"]}}},
+                    {"required": ["placement"]},
+                ]
+            },
+        ],
+        "description": "Exactly one of screen or page; ad_impression needs placement.",
     },
     "CollectBatch": {
         "type": "object",
@@ -116,8 +143,8 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "error": _STR,
             "detail": _STR,
-            "index": {"type": ["integer", "null"], "description": "The event at fault"},
-            "field": {"type": ["string", "null"], "description": "The field at fault"},
+            "index": {"type": "integer", "nullable": True, "description": "The event at fault"},
+            "field": {"type": "string", "nullable": True, "description": "The field at fault"},
         },
     },
 }
@@ -165,6 +192,10 @@ OPENAPI: dict[str, Any] = {
                 "400": {
                     "description": "Malformed JSON, bad batch, or every event rejected; "
                     "index and field name the first problem",
+                    "content": _json("CollectError"),
+                },
+                "404": {
+                    "description": "Collection is switched off (collect.enabled = false)",
                     "content": _json("CollectError"),
                 },
                 "413": {

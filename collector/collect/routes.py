@@ -26,8 +26,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from collector import openapi
 from collector.collect.dedupe import Deduper
 from collector.collect.events import Batch, BatchError, Event, Rejected, parse_batch
+from collector.collect.openapi import OPENAPI, SCHEMAS
 from collector.collect.ratelimit import RateLimiter, retry_after
 from collector.consent import Consent
 from collector.storage.base import AnonHit, RawHit
@@ -293,3 +295,7 @@ def _day_session(instance_id: str, ts_ms: int) -> str:
 def collect_routes(app: CollectorApp) -> list[Route]:
     collector = Collector(app)
     return [Route("/collect", collector.endpoint, methods=["POST"])]
+
+
+for _path, _item in OPENAPI.items():
+    openapi.register_path(_path, _item, SCHEMAS)
