@@ -224,7 +224,8 @@ class PostgresStorage:
         await self._ensure_ahead()
         if batch.hits:
             await self._ensure_days({pg_partitions.day_of(h.ts_ms) for h in batch.hits})
-        statements = self._statements(batch)
+        # Pre-aggregation is Python work per hit: off the event loop (see sqlite.py).
+        statements = await asyncio.to_thread(self._statements, batch)
         for attempt in range(_RETRIES):
             try:
                 with _errors(f"writing {len(batch)} hits"):

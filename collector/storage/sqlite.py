@@ -21,7 +21,7 @@ import aiosqlite
 
 from collector.config import Settings
 from collector.errors import StorageError
-from collector.storage.base import HIT_COLUMNS, Aggregator, Batch
+from collector.storage.base import HIT_COLUMNS, Aggregator, Batch, Statement
 from collector.storage.migrations import migrations
 
 logger = logging.getLogger(__name__)
@@ -155,8 +155,20 @@ class SQLiteStorage:
             raise StorageError("storage is not open")
         return self._read
 
+    def _aggregate(self, batch: Batch) -> list[Statement]:
+        return [
+            (sql, params)
+            for aggregate in self.aggregators
+            for sql, params in aggregate(batch, "sqlite")
+            if params
+        ]
+
     async def write_batch(self, batch: Batch) -> None:
         conn = self.writer
+        # Pre-aggregating a batch is ~15 us of Python per hit; in a worker thread the GIL
+        # switch interval lets the event loop answer pixels meanwhile (p99), where running
+        # it inline stalled the loop for the whole batch.
+        statements = await asyncio.to_thread(self._aggregate, batch) if self.aggregators else []
         try:
             await conn.execute("BEGIN IMMEDIATE")
             try:
@@ -166,10 +178,8 @@ class SQLiteStorage:
                     await conn.executemany(
                         _UPSERT_COUNT, [(*key, n) for key, n in batch.pixel_counts.items()]
                     )
-                for aggregate in self.aggregators:
-                    for sql, params in aggregate(batch, "sqlite"):
-                        if params:
-                            await conn.executemany(sql, params)
+                for sql, params in statements:
+                    await conn.executemany(sql, params)
                 await conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
