@@ -28,10 +28,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from collector.aggregates import aggregators  # noqa: E402
-from collector.config import load_settings  # noqa: E402
-from collector.storage.base import Batch, HitRow  # noqa: E402
-from collector.storage.sqlite import SQLiteStorage  # noqa: E402
+from collector.aggregates import aggregators
+from collector.config import load_settings
+from collector.storage.base import Batch, HitRow
+from collector.storage.sqlite import SQLiteStorage
 
 DAY_MS = 86_400_000
 END_DAY = "2026-11-30"
@@ -60,12 +60,27 @@ def generators(seed: int = 7) -> dict[str, Any]:
             0.9,
         ),
         "placement": Pick([""] + [f"ad-{i}" for i in range(25)], 0.8),
-        "browser": Pick(["Chrome", "Safari", "Yandex Browser", "Firefox", "Edge", "Opera",
-                         "Samsung Internet", "Chrome Mobile", "Mobile Safari", "UC Browser"]),
+        "browser": Pick(
+            [
+                "Chrome",
+                "Safari",
+                "Yandex Browser",
+                "Firefox",
+                "Edge",
+                "Opera",
+                "Samsung Internet",
+                "Chrome Mobile",
+                "Mobile Safari",
+                "UC Browser",
+            ]
+        ),
         "os": Pick(["Android", "Windows", "iOS", "Mac OS X", "Linux", "Chrome OS"]),
         "device": Pick(["mobile", "pc", "tablet", "bot", "other"], 1.5),
-        "country": Pick(["KZ", "RU", "KG", "UZ", "DE", "US", "TR", "CN", "GB", "BT"] +
-                        [f"X{i}" for i in range(20)], 1.6),
+        "country": Pick(
+            ["KZ", "RU", "KG", "UZ", "DE", "US", "TR", "CN", "GB", "BT"]
+            + [f"X{i}" for i in range(20)],
+            1.6,
+        ),
         "source": Pick(["web", "app", "server"], 1.8),
     }
 
@@ -74,18 +89,38 @@ def day_rows(day_ms: int, n: int, rnd: random.Random, g: dict[str, Any]) -> list
     visitors = max(50, n // 5)
     out = []
     for _ in range(n):
-        vid = f"v{rnd.randrange(visitors * 40)}" if rnd.random() < 0.2 else \
-            f"d{day_ms // DAY_MS}-{rnd.randrange(visitors)}"
+        vid = (
+            f"v{rnd.randrange(visitors * 40)}"
+            if rnd.random() < 0.2
+            else f"d{day_ms // DAY_MS}-{rnd.randrange(visitors)}"
+        )
         ref = g["ref"](rnd)
-        out.append(HitRow(
-            ts_ms=day_ms + rnd.randrange(DAY_MS), ip=f"10.{rnd.randrange(256)}.{rnd.randrange(256)}.1",
-            visitor_id=vid, session_id="s", cookies=None, user_agent="bench",
-            browser_family=g["browser"](rnd), browser_version="1", os_family=g["os"](rnd),
-            os_version="1", device_family="x", device_brand="x", device_class=g["device"](rnd),
-            page_url=g["page"](rnd), referrer_url=ref or None,
-            placement_id=g["placement"](rnd) or None, country=g["country"](rnd),
-            region=None, city=None, consent_id="c", policy_version="1", source=g["source"](rnd),
-        ))
+        out.append(
+            HitRow(
+                ts_ms=day_ms + rnd.randrange(DAY_MS),
+                ip=f"10.{rnd.randrange(256)}.{rnd.randrange(256)}.1",
+                visitor_id=vid,
+                session_id="s",
+                cookies=None,
+                user_agent="bench",
+                browser_family=g["browser"](rnd),
+                browser_version="1",
+                os_family=g["os"](rnd),
+                os_version="1",
+                device_family="x",
+                device_brand="x",
+                device_class=g["device"](rnd),
+                page_url=g["page"](rnd),
+                referrer_url=ref or None,
+                placement_id=g["placement"](rnd) or None,
+                country=g["country"](rnd),
+                region=None,
+                city=None,
+                consent_id="c",
+                policy_version="1",
+                source=g["source"](rnd),
+            )
+        )
     return out
 
 
@@ -108,8 +143,15 @@ async def load(db: Path, hits: int) -> None:
         t = time.perf_counter()
         rows = day_rows(day, per_day + (hits % DAYS if i == DAYS - 1 else 0), rnd, g)
         counts = {}
-        for state, share in (("granted", 1.0), ("refused", 0.25), ("absent", 0.5), ("invalid", 0.01)):
-            counts[(time.strftime("%Y-%m-%d", time.gmtime(day / 1000)), "/catalog/item-0", state)] = int(len(rows) * share)
+        for state, share in (
+            ("granted", 1.0),
+            ("refused", 0.25),
+            ("absent", 0.5),
+            ("invalid", 0.01),
+        ):
+            counts[
+                (time.strftime("%Y-%m-%d", time.gmtime(day / 1000)), "/catalog/item-0", state)
+            ] = int(len(rows) * share)
         gen_s += time.perf_counter() - t
         await storage.write_batch(Batch(hits=rows, pixel_counts=counts))
         if i % 30 == 0:
@@ -149,8 +191,12 @@ async def query(db: Path, runs: int) -> None:
     cases["top country, placement filter 30d"] = lambda: stats.breakdown(
         storage, q(30, by="country", placement="ad-3"), k
     )
-    cases["timeseries, country filter 30d"] = lambda: stats.timeseries(storage, q(30, country="RU"), k)
-    cases["summary, page filter 30d"] = lambda: stats.summary(storage, q(30, page="/catalog/item-3"), k)
+    cases["timeseries, country filter 30d"] = lambda: stats.timeseries(
+        storage, q(30, country="RU"), k
+    )
+    cases["summary, page filter 30d"] = lambda: stats.summary(
+        storage, q(30, page="/catalog/item-3"), k
+    )
     cases["top country, source filter 365d"] = lambda: stats.breakdown(
         storage, q(365, by="country", source="app"), k
     )
@@ -194,7 +240,8 @@ async def write_cost(db: Path, days: int = 10, batch: int = 2000) -> None:
                 n += len(rows[i : i + batch])
         took = time.perf_counter() - started
         await storage.close()
-        print(f"rollups={with_rollups}: {n / took:.0f} hits/s, {1000 * took / (n / batch):.1f} ms/batch")
+        per_batch = 1000 * took / (n / batch)
+        print(f"rollups={with_rollups}: {n / took:.0f} hits/s, {per_batch:.1f} ms/batch")
 
 
 def main() -> None:
