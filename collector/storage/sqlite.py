@@ -202,11 +202,7 @@ class SQLiteStorage:
 
     async def fetch_all(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         """Run a read query on the read connection (APIs and CLI); rows as dicts."""
-        try:
-            async with self.reader.execute(sql, tuple(params)) as cur:
-                return [dict(row) for row in await cur.fetchall()]
-        except sqlite3.Error as exc:
-            raise StorageError(f"query failed: {exc}") from exc
+        return await _fetch_all(self.reader, sql, params)
 
     async def fetch_one(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Any] | None:
         found = await self.fetch_all(sql, params)
@@ -240,6 +236,16 @@ class SQLiteStorage:
                 raise StorageError(f"commit failed: {exc}") from exc
 
 
+async def _fetch_all(
+    conn: aiosqlite.Connection, sql: str, params: Sequence[Any]
+) -> list[dict[str, Any]]:
+    try:
+        async with conn.execute(sql, tuple(params)) as cur:
+            return [dict(row) for row in await cur.fetchall()]
+    except sqlite3.Error as exc:
+        raise StorageError(f"query failed: {exc}") from exc
+
+
 class SQLiteTx:
     """Statements inside one ``SQLiteStorage.transaction()``."""
 
@@ -247,11 +253,7 @@ class SQLiteTx:
         self._conn = conn
 
     async def fetch_all(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        try:
-            async with self._conn.execute(sql, tuple(params)) as cur:
-                return [dict(row) for row in await cur.fetchall()]
-        except sqlite3.Error as exc:
-            raise StorageError(f"query failed: {exc}") from exc
+        return await _fetch_all(self._conn, sql, params)
 
     async def fetch_one(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Any] | None:
         found = await self.fetch_all(sql, params)
