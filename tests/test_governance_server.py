@@ -149,7 +149,10 @@ async def test_backup_under_load_is_consistent_and_restore_brings_back_a_deleted
         assert mode(tmp_path / name) == 0o600, name
     stop = asyncio.Event()
     load = [asyncio.create_task(_load(server.url, stop)) for _ in range(8)]
-    await asyncio.sleep(1.0)
+    # Back up once hits are really being written (a loaded machine starts slowly).
+    deadline = time.monotonic() + 30
+    while count(db, "SELECT count(*) FROM hits") < 50 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
     backup = tmp_path / "backups" / "b1.db"
     backup.parent.mkdir()
     made = await asyncio.to_thread(cli_process, tmp_path, "backup", str(backup))
