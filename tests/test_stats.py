@@ -9,6 +9,7 @@ from collections import defaultdict
 from typing import Any
 
 import httpx
+import pytest
 from click.testing import CliRunner
 
 from collector.api.stats import csv_cell
@@ -162,6 +163,12 @@ async def stored_rollups(app: CollectorApp) -> Tables:
 async def write(app: CollectorApp, hits: list[HitRow], size: int = 37) -> None:
     for start in range(0, len(hits), size):
         await app.storage.write_batch(Batch(hits=hits[start : start + size]))
+
+
+@pytest.fixture
+async def app(backend_app: CollectorApp) -> CollectorApp:
+    """The statistics tests run on SQLite and on PostgreSQL."""
+    return backend_app
 
 
 async def test_rollups_equal_a_recomputation_from_raw_hits_after_random_batches(
@@ -488,7 +495,8 @@ async def test_a_retention_purge_keeps_rollups_and_later_rebuilds_cannot_erase_t
     await write(app, random_hits(random.Random(8), 200))
     before = await stored_rollups(app)
     cutoff = DAY0 + DAY_MS + 5
-    plan = retention.Plan(cutoff, 1, "delete", 0)
+    old = await app.storage.fetch_one("SELECT count(*) AS n FROM hits WHERE ts_ms < ?", [cutoff])
+    plan = retention.Plan(cutoff, 1, "delete", int(old["n"]) if old else 0)
     assert await retention.purge(app.storage, plan, chunk_size=50) > 0
     assert await app.storage.fetch_all("SELECT id FROM hits WHERE ts_ms < ?", [cutoff]) == []
     assert await stored_rollups(app) == before
