@@ -78,6 +78,12 @@ class DailyRollup:
 
 
 @pytest.fixture
+async def app(backend_app: CollectorApp) -> CollectorApp:
+    """The governance tests run on SQLite and on PostgreSQL."""
+    return backend_app
+
+
+@pytest.fixture
 async def rollup(app: CollectorApp) -> DailyRollup:
     await app.storage.execute("CREATE TABLE daily (day INTEGER PRIMARY KEY, hits INTEGER)")
     found = DailyRollup()
@@ -422,7 +428,8 @@ async def test_purge_works_in_short_chunks_and_reports_progress(app: CollectorAp
     plan = await retention.plan(app.storage, app.settings)
     steps: list[int] = []
     assert await retention.purge(app.storage, plan, 3, steps.append) == 7
-    assert steps == [3, 3, 1]
+    # SQLite deletes in chunks; PostgreSQL drops the old day's partition at once.
+    assert steps == ([3, 3, 1] if app.settings.storage.backend == "sqlite" else [7])
     assert await count(app, "SELECT count(*) AS n FROM hits") == 1
 
 
