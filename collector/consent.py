@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from collector.config import ConsentSettings
+from collector.config import ConsentSettings, VisitorSettings
 from collector.consent_sources import (
     purposes_from_cookieconsent,
     purposes_from_plain,
@@ -70,6 +70,24 @@ def purposes_from_names(names: Iterable[str]) -> int:
             raise ValueError(f"unknown purpose {name!r} (known: statistics, advertising)")
         bits |= PURPOSE_BITS[name]
     return bits
+
+
+def cookie_attributes(visitor: VisitorSettings) -> str:
+    """The attributes every cookie of ours carries (consent, visitor and session id)."""
+    attrs = f"; Path=/; HttpOnly; SameSite={visitor.same_site.capitalize()}"
+    if visitor.secure:
+        attrs += "; Secure"
+    if visitor.domain:
+        attrs += f"; Domain={visitor.domain}"
+    return attrs
+
+
+def expiring_visitor_cookies(visitor: VisitorSettings) -> tuple[str, ...]:
+    """Set-Cookie values that delete the visitor and session ids (no valid consent)."""
+    attrs = cookie_attributes(visitor)
+    return tuple(
+        f"{name}=; Max-Age=0{attrs}" for name in (visitor.cookie_name, visitor.session_cookie_name)
+    )
 
 
 class ConsentCodec:

@@ -27,7 +27,15 @@ from starlette.routing import Route
 from collector import openapi
 from collector.collect.consent_token import app_consent_token
 from collector.config import Settings
-from collector.consent import ADVERTISING, STATISTICS, Consent, ConsentCodec, ConsentReader
+from collector.consent import (
+    ADVERTISING,
+    STATISTICS,
+    Consent,
+    ConsentCodec,
+    ConsentReader,
+    cookie_attributes,
+    expiring_visitor_cookies,
+)
 from collector.consent_records import Action, ConsentRecord, ConsentRecords
 from collector.enrich import make_ua_parser
 from collector.errors import CollectorError
@@ -71,18 +79,9 @@ class ConsentApi:
         self.allowed_origins = frozenset(settings.consent.allowed_origins)
         self.honor_dnt = settings.consent.honor_dnt
         self.ua = make_ua_parser(1024)
-        visitor = settings.visitor
-        attrs = f"; Path=/; HttpOnly; SameSite={visitor.same_site.capitalize()}"
-        if visitor.secure:
-            attrs += "; Secure"
-        if visitor.domain:
-            attrs += f"; Domain={visitor.domain}"
-        self._attrs = attrs
+        self._attrs = cookie_attributes(settings.visitor)
         self._max_age = settings.consent.period_days * 86_400
-        self._expire = tuple(
-            f"{name}=; Max-Age=0{attrs}"
-            for name in (visitor.cookie_name, visitor.session_cookie_name)
-        )
+        self._expire = expiring_visitor_cookies(settings.visitor)
         self._wanted = frozenset(reader.cookie_names) | {self.cookie_name}
 
     def routes(self) -> list[Route]:

@@ -19,7 +19,12 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 from collector.config import Settings
-from collector.consent import ConsentCodec, ConsentReader
+from collector.consent import (
+    ConsentCodec,
+    ConsentReader,
+    cookie_attributes,
+    expiring_visitor_cookies,
+)
 from collector.enrich import ClientIP
 from collector.metrics import Metrics
 from collector.storage.base import AnonHit, RawHit
@@ -144,16 +149,12 @@ class Pixel:
         self.wanted = frozenset(
             (*self.consent.cookie_names, self.vid_name, self.sid_name, *self.allowlist)
         )
-        attrs = f"; Path=/; HttpOnly; SameSite={settings.visitor.same_site.capitalize()}"
-        if settings.visitor.secure:
-            attrs += "; Secure"
-        if settings.visitor.domain:
-            attrs += f"; Domain={settings.visitor.domain}"
+        attrs = cookie_attributes(settings.visitor)
         self._attrs = attrs
         self._sid_cookie = f"; Max-Age={settings.visitor.session_idle_minutes * 60}{attrs}"
         self._expire = tuple(
-            (b"set-cookie", f"{name}=; Max-Age=0{attrs}".encode("latin-1"))
-            for name in (self.vid_name, self.sid_name)
+            (b"set-cookie", value.encode("latin-1"))
+            for value in expiring_visitor_cookies(settings.visitor)
         )
         self._dropped_internal = metrics.hits_dropped.labels("internal_error")
         self._start_plain = {"type": "http.response.start", "status": 200, "headers": _BASE_HEADERS}
