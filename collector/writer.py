@@ -80,7 +80,10 @@ class BatchWriter:
         if len(buf) >= self.max_items or self._wake is None:
             return False
         buf.append(item)
-        if len(buf) >= self.batch_size and not self._wake.is_set():
+        # Wake the writer on the first item (it then gathers for one flush interval) and
+        # when a batch is full; in between, appending is all a request pays.
+        n = len(buf)
+        if (n == 1 or n >= self.batch_size) and not self._wake.is_set():
             self._wake.set()
         return True
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -385,3 +386,14 @@ async def test_a_hit_that_trips_an_enrichment_bug_is_dropped_not_the_writer(
     text = (await client.get("/metrics")).text
     assert 'collector_hits_dropped_total{reason="internal_error"} 1.0' in text
     assert (await client.get("/healthz")).json()["writer"]["healthy"] is True
+
+
+async def test_a_lone_hit_is_stored_within_about_one_flush_interval(tmp_path: Path) -> None:
+    app = create_app(make_settings(tmp_path, storage={"flush_interval_ms": 50}))
+    async with app.lifespan(app.starlette), client_for(app) as client:
+        await asyncio.sleep(0.1)  # the idle writer is waiting for work
+        sent = time.monotonic()
+        assert_gif(await hit(client, cookie=f"kdv_consent={consent_value(app, 1)}"))
+        while not await app.storage.fetch_all("SELECT id FROM hits"):
+            assert time.monotonic() - sent < 0.5, "a quiet-time hit waited past the interval"
+            await asyncio.sleep(0.01)
