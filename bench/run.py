@@ -77,16 +77,28 @@ class Server:
                 time.sleep(0.1)
         raise RuntimeError(f"{self.name} did not start; see {self.log.name}")
 
-    def rss_mb(self) -> float:
-        """Resident memory of the server and its children (uvicorn workers), in MB."""
-        total = 0
-        pids = [self.proc.pid]
+    def children(self) -> list[int]:
+        """Child processes: uvicorn workers and the collector's writer process."""
         try:
-            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
-            pids += [int(p) for p in children.split()]
+            found = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
         except OSError:
-            pass
-        for pid in pids:
+            return []
+        return [int(p) for p in found.split()]
+
+    def writer_pid(self) -> int | None:
+        """The collector's writer process (``collector.writer_process``), if it has one."""
+        for pid in self.children():
+            try:
+                if b"collector.writer_process" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+            except OSError:
+                pass
+        return None
+
+    def rss_mb(self) -> float:
+        """Resident memory of the server and its children (workers, writer), in MB."""
+        total = 0
+        for pid in [self.proc.pid, *self.children()]:
             try:
                 for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                     if line.startswith("VmRSS:"):
@@ -95,14 +107,15 @@ class Server:
                 pass
         return total / 1024
 
-    def cpu_s(self) -> float:
-        """CPU seconds (user + system) used by the server process so far.
+    def cpu_s(self) -> tuple[float, float]:
+        """CPU seconds (user + system) used so far: (serving processes, writer process).
 
         Per request, this is the figure that survives a noisy machine: other processes
         steal wall time from the server, not CPU time charged to it.
         """
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        writer = self.writer_pid()
+        serving = sum(_cpu_s(p) for p in [self.proc.pid, *self.children()] if p != writer)
+        return serving, _cpu_s(writer) if writer is not None else 0.0
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -115,6 +128,14 @@ class Server:
         self.log.close()
 
 
+def _cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_bare(work: Path, env: dict[str, str], cpu: str | None = SERVER_CPU) -> Server:
     argv = [
         "-m", "uvicorn", "bench.bare_app:create_app", "--factory", "--loop", "uvloop",
@@ -125,10 +146,20 @@ def start_bare(work: Path, env: dict[str, str], cpu: str | None = SERVER_CPU) ->
 
 
 def start_collector(
-    work: Path, env: dict[str, str], cpu: str | None = SERVER_CPU, workers: int = 1, tag: str = ""
+    work: Path,
+    env: dict[str, str],
+    cpu: str | None = SERVER_CPU,
+    workers: int = 1,
+    tag: str = "",
+    writer_cpu: str | None = None,
 ) -> Server:
+    """``collector serve``; ``writer_cpu`` moves its writer process to that CPU."""
     argv = ["-m", "collector", "serve", "--workers", str(workers)]
-    return Server(f"collector{tag}", argv, env, work, cpu)
+    server = Server(f"collector{tag}", argv, env, work, cpu)
+    writer = server.writer_pid()
+    if writer_cpu is not None and writer is not None:
+        os.sched_setaffinity(writer, {int(writer_cpu)})
+    return server
 
 
 def wrk(
@@ -252,6 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--baseline", type=Path, help="also run the collector from this source tree")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--writer-cpu", default=LOAD_CPU, help="CPU for the collector's writer process")
+    ap.add_argument(
+        "--skip-variants",
+        action="store_true",
+        help="skip the one-core and inline-writer collectors",
+    )
     args = ap.parse_args(argv)
     if shutil.which("wrk") is None:
         print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
@@ -269,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bare = start_bare(work, env)
         servers.append(bare)
-        coll = start_collector(work, env)
+        # The collector as shipped: the writer process on its own core (the load
+        # generator's, which wrk leaves mostly idle at these rates); uvicorn on CPU 1.
+        coll = start_collector(work, env, writer_cpu=args.writer_cpu)
         servers.append(coll)
         sampler = RssSampler(coll)
         sampler.start()
@@ -282,6 +321,19 @@ def main(argv: list[str] | None = None) -> int:
             ("bare", bare, None),
             ("collector", coll, db),
         ]
+        if not args.skip_variants:
+            # Everything on one core (the writer process pinned beside uvicorn), and the
+            # writer in a thread of the worker (``writer_process = false``, the earlier
+            # design): what the writer process buys, measured in the same run.
+            for tag, extra in (
+                ("one-core", {}),
+                ("inline", {"COLLECTOR_STORAGE_WRITER_PROCESS": "false"}),
+            ):
+                v_db = work / f"{tag}.db"
+                variant = start_collector(work, {**collector_env(v_db), **extra}, tag=f"-{tag}")
+                servers.append(variant)
+                contenders.append((tag, variant, v_db))
+                wrk(variant.url, data, 3, connections=args.connections)
         if args.baseline:
             # The same collector from another source tree (e.g. `git archive` of main),
             # to measure a code change A/B in the same run.
@@ -301,16 +353,18 @@ def main(argv: list[str] | None = None) -> int:
                     before, before_states = db_counts(server_db)
                     depth = DepthSampler(server)
                     depth.start()
-                cpu = server.cpu_s()
+                cpu, wcpu = server.cpu_s()
                 res = wrk(server.url, data, args.duration, connections=args.connections)
                 if server_db is not None:
                     wait_flushed(server)  # the writer's work belongs to these requests
-                res["cpu_us"] = (server.cpu_s() - cpu) / res["requests"] * 1e6
+                cpu_after, wcpu_after = server.cpu_s()
+                res["cpu_us"] = (cpu_after - cpu) / res["requests"] * 1e6
+                res["writer_cpu_us"] = (wcpu_after - wcpu) / res["requests"] * 1e6
                 runs[name].append(res)
                 line = (
                     f"round {r + 1} {name:9} {res['rps']:9.0f} req/s  "
                     f"p50 {_ms(res['p50_us'])} ms  p99 {_ms(res['p99_us'])} ms  "
-                    f"cpu {res['cpu_us']:.0f} us/req"
+                    f"cpu {res['cpu_us']:.0f} (+ writer {res['writer_cpu_us']:.0f}) us/req"
                 )
                 if server_db is not None:
                     depth.stopped.set()
@@ -347,13 +401,31 @@ def main(argv: list[str] | None = None) -> int:
                 "p50_ms": _med([x["p50_us"] for x in rs]) / 1000,
                 "p99_ms": _med([x["p99_us"] for x in rs]) / 1000,
                 "cpu_us_per_request": _med([x["cpu_us"] for x in rs]),
+                "writer_cpu_us_per_request": _med([x["writer_cpu_us"] for x in rs]),
             }
-        ratios = [c["rps"] / b["rps"] for b, c in zip(runs["bare"], runs["collector"], strict=True)]
-        summary["ratio_per_round"] = ratios
-        summary["ratio_median"] = _med(ratios)
-        summary["cpu_ratio"] = summary["bare"]["cpu_us_per_request"] / max(
-            summary["collector"]["cpu_us_per_request"], 1e-9
-        )
+            if name != "bare":
+                ratios = [c["rps"] / b["rps"] for b, c in zip(runs["bare"], rs, strict=True)]
+                summary[name]["ratio_per_round"] = ratios
+                summary[name]["ratio_median"] = _med(ratios)
+                summary[name]["cpu_ratio"] = summary["bare"]["cpu_us_per_request"] / max(
+                    summary[name]["cpu_us_per_request"], 1e-9
+                )
+        summary["ratio_per_round"] = summary["collector"]["ratio_per_round"]
+        summary["ratio_median"] = summary["collector"]["ratio_median"]
+        summary["cpu_ratio"] = summary["collector"]["cpu_ratio"]
+        if not args.skip_variants:
+            # Everything on one core (the writer process pinned beside uvicorn), and the
+            # writer in a thread of the worker (``writer_process = false``, the earlier
+            # design): what the writer process buys, measured in the same run.
+            for tag, extra in (
+                ("one-core", {}),
+                ("inline", {"COLLECTOR_STORAGE_WRITER_PROCESS": "false"}),
+            ):
+                v_db = work / f"{tag}.db"
+                variant = start_collector(work, {**collector_env(v_db), **extra}, tag=f"-{tag}")
+                servers.append(variant)
+                contenders.append((tag, variant, v_db))
+                wrk(variant.url, data, 3, connections=args.connections)
         if args.baseline:
             summary["collector_vs_baseline"] = _med(
                 [
@@ -453,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
             # Unpinned: two workers need both cores; wrk stays on CPU 0 and competes.
             w_runs: dict[int, list[float]] = {1: [], 2: []}
             w1 = start_collector(work, collector_env(work / "w1.db"), cpu=None, tag="-w1")
+            # (Unpinned runs leave the writer process to the scheduler too.)
             servers.append(w1)
             w2 = start_collector(
                 work, collector_env(work / "w2.db"), cpu=None, workers=2, tag="-w2"
@@ -484,17 +557,21 @@ def main(argv: list[str] | None = None) -> int:
         results["micro_writer"] = micro_writer.main([])
 
     load = results["load"]
-    print("\n| | req/s | p50 ms | p99 ms | CPU us/req |\n|---|---:|---:|---:|---:|")
+    print(
+        "\n| | req/s | p50 ms | p99 ms | CPU us/req serving | + writer process | /bare |"
+        "\n|---|---:|---:|---:|---:|---:|---:|"
+    )
     for name in runs:
         x = load[name]
         print(
             f"| {name} | {x['rps']:.0f} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} "
-            f"| {x['cpu_us_per_request']:.1f} |"
+            f"| {x['cpu_us_per_request']:.1f} | {x['writer_cpu_us_per_request']:.1f} "
+            f"| {x.get('ratio_median', 1.0):.2f} |"
         )
     print(
         f"\ncollector/bare: {load['ratio_median']:.2f} "
         f"(rounds: {', '.join(f'{r:.2f}' for r in load['ratio_per_round'])}); "
-        f"by CPU per request: {load['cpu_ratio']:.2f}"
+        f"by serving CPU per request: {load['cpu_ratio']:.2f}"
     )
     h = results["half_rate"]
     print(f"p99 at {h['rps']:.0f} req/s (half peak): {h['p99_ms']:.2f} ms")

@@ -47,6 +47,7 @@ from collector.pixel import Pixel, Receive, Scope, Send
 from collector.security import SecurityHeaders
 from collector.storage import open_storage
 from collector.writer import BatchWriter
+from collector.writer_process import SOCKET_ENV, RemoteSink
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ _GEO_RELOAD_S = 5.0
 class CollectorApp:
     """The ASGI application: one per settings object, no module-level state."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, writer_socket: str | None = None) -> None:
         self.settings = settings = resolve_secret(settings)
         self.metrics = Metrics()
         self.storage = open_storage(settings, aggregators(settings))
@@ -73,6 +74,9 @@ class CollectorApp:
             queue_size=settings.storage.queue_size,
             queue_wait_ms=settings.storage.queue_wait_ms,
             metrics=self.metrics,
+            # Under ``collector serve`` with SQLite, one writer process enriches and
+            # stores every worker's hits (writer_process.py); otherwise this process does.
+            sink=RemoteSink(writer_socket) if writer_socket else None,
         )
         self._geo_checked = 0.0
         spool_depth = getattr(self.storage, "spool_depth", None)
@@ -223,8 +227,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     )
 
 
-def create_app(settings: Settings) -> CollectorApp:
-    return CollectorApp(settings)
+def create_app(settings: Settings, writer_socket: str | None = None) -> CollectorApp:
+    return CollectorApp(settings, writer_socket)
 
 
 def app_from_environment() -> CollectorApp:
@@ -234,4 +238,4 @@ def app_from_environment() -> CollectorApp:
     """
     settings = load_settings(os.environ.get(CONFIG_ENV) or None)
     configure_logging(settings.server)
-    return create_app(settings)
+    return create_app(settings, os.environ.get(SOCKET_ENV) or None)

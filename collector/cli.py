@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from collector.config import Settings, load_settings, resolve_secret
+from collector.config import ServerSettings, Settings, load_settings, resolve_secret
 from collector.errors import CollectorError, InputError
 
 if TYPE_CHECKING:
@@ -73,8 +73,6 @@ def serve(
     settings: Settings, host: str | None, port: int | None, workers: int | None, demo: bool
 ) -> None:
     """Run the collector with uvicorn (uvloop, httptools)."""
-    import uvicorn
-
     if demo:
         # Workers rebuild their settings from the environment.
         os.environ["COLLECTOR_SERVER_DEMO"] = "true"
@@ -93,6 +91,24 @@ def serve(
     # Workers rebuild the app from the config file and the environment.
     if settings.source != "defaults":
         os.environ["COLLECTOR_CONFIG"] = os.path.abspath(settings.source)
+    writer = None
+    if settings.storage.backend == "sqlite" and settings.storage.writer_process:
+        from collector.writer_process import SOCKET_ENV, WriterProcess
+
+        writer = WriterProcess()
+        os.environ[SOCKET_ENV] = writer.start()
+    try:
+        _run_uvicorn(server)
+    finally:
+        # Reached on a normal return; when uvicorn re-raises SIGTERM after its graceful
+        # exit, the writer process sees its stdin close and finishes by itself.
+        if writer is not None:
+            writer.stop()
+
+
+def _run_uvicorn(server: ServerSettings) -> None:
+    import uvicorn
+
     uvicorn.run(
         "collector.app:app_from_environment",
         factory=True,

@@ -57,6 +57,9 @@ class StorageSettings:
     queue_size: int = 50_000
     # How long a pixel request may wait for queue space before its hit is dropped.
     queue_wait_ms: int = 50
+    # SQLite under ``collector serve``: one separate process stores every worker's batches,
+    # so SQLite's work leaves the cores that answer pixels (docs/PERFORMANCE.md).
+    writer_process: bool = True
     # PostgreSQL only: connections per process, connect/statement timeout, daily hits
     # partitions created ahead, and the local spool that holds batches while it is down.
     pool_size: int = 10

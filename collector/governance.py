@@ -44,8 +44,8 @@ class Governance:
         self.storage = storage
         self.audit = audit
         self.rebuilders = rebuilders(settings)
-        dropped = metrics.hits_dropped.labels("blocked")
-        self.blocklist = BlockList(storage, on_drop=dropped.inc)
+        # The writer counts what its filters drop as hits_dropped{reason="blocked"}.
+        self.blocklist = BlockList(storage)
         writer.filters.append(self.blocklist.keep)
         self.settle_s = 4 * self.blocklist.refresh_s
         self.lock = (

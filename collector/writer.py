@@ -11,6 +11,11 @@ Guarantees:
 - a failed write is retried with back-off while the buffer keeps filling (health goes
   red, ``/healthz`` says why), and recording resumes by itself when storage recovers;
 - ``stop()`` drains everything that was accepted before it returns (graceful shutdown).
+
+Where a batch goes is the writer's ``sink``: ``LocalSink`` enriches and stores it in this
+process; under ``collector serve`` with SQLite, ``writer_process.RemoteSink`` ships the raw
+items to the one writer process, which enriches, filters and stores them there and answers
+with a ``Tally`` that this process turns into its metrics.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from collector.enrich import Enricher
 from collector.errors import StorageError
@@ -29,7 +36,115 @@ from collector.storage.base import AnonHit, Batch, HitRow, RawHit, Storage
 logger = logging.getLogger(__name__)
 
 Item = RawHit | AnonHit
+Filter = Callable[[Sequence[HitRow]], Sequence[HitRow]]
 _ENRICH_SLICE = 256  # rows enriched between yields to the event loop, to bound latency
+
+
+@dataclass(slots=True)
+class Tally:
+    """What storing some items came to, for the metrics of the process that queued them."""
+
+    recorded: Counter[str] = field(default_factory=Counter)  # stored hits by source
+    without_consent: Counter[str] = field(default_factory=Counter)  # by consent state
+    dropped: Counter[str] = field(default_factory=Counter)  # by reason
+
+    def add_stored(self, batch: Batch) -> None:
+        self.recorded.update(hit.source for hit in batch.hits)
+        for (_, _, state), n in batch.pixel_counts.items():
+            if state != "granted":
+                self.without_consent[state] += n
+
+    def to_wire(self) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+        return dict(self.recorded), dict(self.without_consent), dict(self.dropped)
+
+    @classmethod
+    def from_wire(cls, wire: Any) -> Tally:
+        recorded, without, dropped = wire
+        return cls(Counter(recorded), Counter(without), Counter(dropped))
+
+
+class BatchBuilder:
+    """Raw items -> one ``Batch``: enrichment, anonymous counts, then the filters (blocks)."""
+
+    def __init__(self, enricher: Enricher) -> None:
+        self.enricher = enricher
+        self.filters: list[Filter] = []
+        self._days: dict[int, str] = {}
+
+    def _day(self, ts_ms: int) -> str:
+        key = ts_ms // 86_400_000
+        day = self._days.get(key)
+        if day is None:
+            day = time.strftime("%Y-%m-%d", time.gmtime(key * 86_400))
+            if len(self._days) > 64:
+                self._days.clear()
+            self._days[key] = day
+        return day
+
+    async def build(self, items: Sequence[Item]) -> tuple[Batch, Counter[str]]:
+        """The batch, and the hits dropped on the way (by reason)."""
+        rows: list[HitRow] = []
+        counts: Counter[tuple[str, str, str]] = Counter()
+        unconsented: list[tuple[int, str, str]] = []
+        dropped: Counter[str] = Counter()
+        path = self.enricher.urls.path
+        row = self.enricher.row
+        for i, item in enumerate(items):
+            try:
+                if isinstance(item, RawHit):
+                    r = row(item)
+                    rows.append(r)
+                    counts[(self._day(item.ts_ms), _path_of(r.page_url, path), "granted")] += 1
+                else:
+                    counts[(self._day(item.ts_ms), path(item.page), item.state)] += 1
+                    if item.ip:  # 3.3.2 security counters: the user agent ends here
+                        agent = self.enricher.ua(item.user_agent[:512])
+                        bot = agent.family if agent.is_bot else ""
+                        unconsented.append((item.ts_ms, item.ip, bot))
+            except Exception:
+                # On purpose: one hit that trips a bug in enrichment must not stop the
+                # writer, which would silently end all recording. Counted and logged.
+                dropped["internal_error"] += 1
+                logger.exception("could not enrich a hit; it is dropped")
+            if i % _ENRICH_SLICE == _ENRICH_SLICE - 1:
+                await asyncio.sleep(0)
+        kept: Sequence[HitRow] = rows
+        for keep in self.filters:
+            kept = keep(kept)
+        if len(kept) != len(rows):
+            dropped["blocked"] += len(rows) - len(kept)
+        return Batch(hits=kept, pixel_counts=counts, unconsented_ips=unconsented), dropped
+
+
+class Sink(Protocol):
+    """Where the writer's batches go. ``prepare`` runs once per batch, ``deliver`` once
+    per attempt: it raises ``StorageError`` for an outage (the writer retries) and
+    anything else for a bug (the writer drops the batch)."""
+
+    filters: list[Filter]
+
+    async def prepare(self, items: Sequence[Item]) -> Any: ...
+
+    async def deliver(self, job: Any) -> Tally: ...
+
+
+class LocalSink:
+    """Enrich and store in this process (tests, embedding, PostgreSQL nodes)."""
+
+    def __init__(self, storage: Storage, builder: BatchBuilder) -> None:
+        self.storage = storage
+        self.builder = builder
+        self.filters = builder.filters
+
+    async def prepare(self, items: Sequence[Item]) -> tuple[Batch, Counter[str]]:
+        return await self.builder.build(items)
+
+    async def deliver(self, job: tuple[Batch, Counter[str]]) -> Tally:
+        batch, dropped = job
+        await self.storage.write_batch(batch)
+        tally = Tally(dropped=Counter(dropped))
+        tally.add_stored(batch)
+        return tally
 
 
 class BatchWriter:
@@ -44,9 +159,13 @@ class BatchWriter:
         queue_wait_ms: int,
         metrics: Metrics,
         shutdown_retry_s: float = 10.0,
+        sink: Sink | None = None,
     ) -> None:
         self.storage = storage
         self.enricher = enricher
+        self.sink: Sink = sink or LocalSink(storage, BatchBuilder(enricher))
+        # Filters (blocks) run where the batch is built: here, or in the writer process.
+        self.filters = self.sink.filters
         self.batch_size = batch_size
         self.interval = flush_interval_ms / 1000
         self.max_items = queue_size
@@ -55,7 +174,6 @@ class BatchWriter:
         self.shutdown_retry_s = shutdown_retry_s
         self.healthy = True
         self.last_error: str | None = None
-        self.filters: list[Callable[[Sequence[HitRow]], Sequence[HitRow]]] = []
         self.housekeeping: list[Callable[[], None]] = []
         self._buf: list[Item] = []
         self._in_flight = 0
@@ -63,8 +181,6 @@ class BatchWriter:
         self._space: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self._days: dict[int, str] = {}
-        self._dropped_internal = metrics.hits_dropped.labels("internal_error")
         self._dropped_full = metrics.hits_dropped.labels("queue_full")
         self._dropped_err = metrics.hits_dropped.labels("storage_error")
         self._last_drop_log = 0.0
@@ -180,54 +296,14 @@ class BatchWriter:
             except Exception:  # a housekeeping bug must not stop recording
                 logger.exception("writer housekeeping task failed")
 
-    def _day(self, ts_ms: int) -> str:
-        key = ts_ms // 86_400_000
-        day = self._days.get(key)
-        if day is None:
-            day = time.strftime("%Y-%m-%d", time.gmtime(key * 86_400))
-            if len(self._days) > 64:
-                self._days.clear()
-            self._days[key] = day
-        return day
-
-    async def _build(self, items: Sequence[Item]) -> Batch:
-        rows: list[HitRow] = []
-        counts: Counter[tuple[str, str, str]] = Counter()
-        unconsented: list[tuple[int, str, str]] = []
-        path = self.enricher.urls.path
-        row = self.enricher.row
-        for i, item in enumerate(items):
-            try:
-                if isinstance(item, RawHit):
-                    r = row(item)
-                    rows.append(r)
-                    counts[(self._day(item.ts_ms), _path_of(r.page_url, path), "granted")] += 1
-                else:
-                    counts[(self._day(item.ts_ms), path(item.page), item.state)] += 1
-                    if item.ip:  # 3.3.2 security counters: the user agent ends here
-                        agent = self.enricher.ua(item.user_agent[:512])
-                        bot = agent.family if agent.is_bot else ""
-                        unconsented.append((item.ts_ms, item.ip, bot))
-            except Exception:
-                # On purpose: one hit that trips a bug in enrichment must not stop the
-                # writer task, which would silently end all recording. Counted and logged.
-                self._dropped_internal.inc()
-                logger.exception("could not enrich a hit; it is dropped")
-            if i % _ENRICH_SLICE == _ENRICH_SLICE - 1:
-                await asyncio.sleep(0)
-        kept: Sequence[HitRow] = rows
-        for keep in self.filters:
-            kept = keep(kept)
-        return Batch(hits=kept, pixel_counts=counts, unconsented_ips=unconsented)
-
     async def _store(self, items: Sequence[Item]) -> None:
-        batch = await self._build(items)
+        job = await self.sink.prepare(items)
         delay = 0.05
         deadline: float | None = None
         while True:
             started = time.perf_counter()
             try:
-                await self.storage.write_batch(batch)
+                tally = await self.sink.deliver(job)
             except StorageError as exc:
                 self.metrics.storage_errors.inc()
                 if self.healthy or self.last_error != exc.detail:
@@ -237,10 +313,9 @@ class BatchWriter:
                 if self._stopping:
                     deadline = deadline or time.monotonic() + self.shutdown_retry_s
                     if time.monotonic() > deadline:
-                        self._dropped_err.inc(len(batch.hits))
-                        logger.error(
-                            "shutting down with storage failing: %d hits lost", len(batch.hits)
-                        )
+                        lost = _consented(items)
+                        self._dropped_err.inc(lost)
+                        logger.error("shutting down with storage failing: %d hits lost", lost)
                         return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
@@ -248,10 +323,9 @@ class BatchWriter:
             except Exception:
                 # A bug (not an outage): retrying the same batch would fail forever and
                 # block every later hit, so this batch is dropped, counted and logged.
-                self._dropped_internal.inc(len(batch.hits))
-                logger.exception(
-                    "storing a batch failed unexpectedly; %d hits dropped", len(batch.hits)
-                )
+                lost = _consented(items)
+                self.metrics.hits_dropped.labels("internal_error").inc(lost)
+                logger.exception("storing a batch failed unexpectedly; %d hits dropped", lost)
                 return
             self.metrics.batch_seconds.observe(time.perf_counter() - started)
             break
@@ -259,12 +333,19 @@ class BatchWriter:
             logger.warning("storage recovered; recording resumed")
         self.healthy = True
         self.last_error = None
-        if batch.hits:
-            for source, n in Counter(hit.source for hit in batch.hits).items():
-                self.metrics.hits_recorded.labels(source).inc(n)
-        for (_, _, state), n in batch.pixel_counts.items():
-            if state != "granted":
-                self.metrics.hits_without_consent.labels(state).inc(n)
+        self._count(tally)
+
+    def _count(self, tally: Tally) -> None:
+        for source, n in tally.recorded.items():
+            self.metrics.hits_recorded.labels(source).inc(n)
+        for state, n in tally.without_consent.items():
+            self.metrics.hits_without_consent.labels(state).inc(n)
+        for reason, n in tally.dropped.items():
+            self.metrics.hits_dropped.labels(reason).inc(n)
+
+
+def _consented(items: Sequence[Item]) -> int:
+    return sum(1 for item in items if isinstance(item, RawHit))
 
 
 def _path_of(page_url: str | None, path: Callable[[str], str]) -> str:

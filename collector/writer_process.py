@@ -1,0 +1,339 @@
+"""One writer process for SQLite: every worker's hits, stored off the pixel's cores.
+
+Why a process: the pixel's event loop and the writer's work (enrichment, SQLite's
+inserts, index updates and rollup upserts) shared one core and the GIL when the writer
+ran inside the worker; py-spy put ~40% of that core in SQLite alone
+(docs/PERFORMANCE.md). ``collector serve`` now starts one writer process beside
+uvicorn. A worker's ``BatchWriter`` still buffers what the pixel accepts, but its sink is
+``RemoteSink``: every flush ships the raw hits over a Unix socket to this process, which
+enriches them (user agent, GeoIP, URLs), applies the blocks, and stores the batch on
+the one SQLite write connection for hits. With several workers this also ends their
+contention for SQLite's write lock, and the UA and GeoIP caches exist once.
+
+The writer's contract is kept: ``deliver`` returns once the batch is committed (the
+writer process answers after COMMIT) with a ``Tally`` for the worker's metrics, and an
+outage comes back as ``StorageError``, so the worker retries, keeps buffering and
+reports it in ``/healthz``. A crash of the writer process between its COMMIT and its
+answer makes the worker send that batch again (at-least-once, like the PostgreSQL
+spool); a crash before COMMIT loses nothing, SQLite rolls the batch back.
+
+Wire format: a 4-byte big-endian length, then ``marshal`` data of plain tuples, lists,
+dicts, strings and ints; ``marshal`` runs no code when it loads. The socket lives in a
+fresh 0700 directory, so only the server's own user can connect.
+
+Lifetime: the process ignores SIGINT and SIGTERM and runs in its own session, so a
+Ctrl-C or a service manager's TERM to the whole group cannot stop it while workers are
+still draining into it; it exits when its stdin reaches end of file, that is when
+``collector serve`` ends (or dies, even by SIGKILL), after finishing the batch in hand.
+``serve`` restarts it if it dies; meanwhile workers buffer and retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import marshal
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from collector.errors import CollectorError, StorageError
+from collector.storage.base import AnonHit, RawHit, Storage
+from collector.writer import BatchBuilder, Filter, Item, Tally
+
+logger = logging.getLogger("collector.writer_process")  # also when run as __main__
+
+SOCKET_ENV = "COLLECTOR_WRITER_SOCKET"  # set by ``serve`` for its workers
+_MAX_FRAME = 1 << 30
+_READY = b"ready\n"
+_GEO_RELOAD_S = 5.0
+
+
+def encode_items(items: Sequence[Item]) -> bytes:
+    raw = [tuple(i) for i in items if isinstance(i, RawHit)]
+    anon = [tuple(i) for i in items if not isinstance(i, RawHit)]
+    return marshal.dumps((raw, anon))
+
+
+def decode_items(data: bytes) -> list[Item]:
+    raw, anon = marshal.loads(data)
+    items: list[Item] = [RawHit._make(i) for i in raw]
+    items.extend(AnonHit._make(i) for i in anon)
+    return items
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> bytes:
+    size = int.from_bytes(await reader.readexactly(4), "big")
+    if size > _MAX_FRAME:
+        raise ValueError(f"frame of {size} bytes is too large")
+    return await reader.readexactly(size)
+
+
+def _frame(payload: bytes) -> list[bytes]:
+    return [len(payload).to_bytes(4, "big"), payload]
+
+
+# --- the workers' side -------------------------------------------------------------------
+
+
+class RemoteSink:
+    """The ``BatchWriter`` sink of a worker: raw items to the writer process.
+
+    ``deliver`` returns once the writer process has committed the batch, with its tally
+    (stored, dropped, counted without consent) for this worker's metrics.
+    """
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        # Blocks are applied by the writer process's own block list.
+        self.filters: list[Filter] = []
+        self._lock = asyncio.Lock()
+        self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def prepare(self, items: Sequence[Item]) -> bytes:
+        return encode_items(items)
+
+    async def deliver(self, job: bytes) -> Tally:
+        async with self._lock:
+            try:
+                if self._conn is None:
+                    self._conn = await asyncio.open_unix_connection(self.socket_path)
+                reader, writer = self._conn
+                writer.writelines(_frame(job))
+                await writer.drain()
+                status, detail = marshal.loads(await _read_frame(reader))
+            except (OSError, EOFError, ValueError, asyncio.IncompleteReadError) as exc:
+                self.close()
+                reason = str(exc) or type(exc).__name__
+                raise StorageError(f"writer process unreachable: {reason}") from exc
+            except BaseException:
+                self.close()  # a reply may still be on its way: start afresh
+                raise
+        if status == "storage":
+            raise StorageError(detail)
+        if status != "ok":
+            raise RuntimeError(f"writer process failed on a batch: {detail}")
+        return Tally.from_wire(detail)
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn[1].close()
+
+
+# --- the writer process -------------------------------------------------------------------
+
+
+class _Server:
+    """Builds and stores the batches of every connected worker, one at a time."""
+
+    def __init__(self, storage: Storage, builder: BatchBuilder) -> None:
+        self.storage = storage
+        self.builder = builder
+        self.lock = asyncio.Lock()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    data = await _read_frame(reader)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return  # the worker went away (it reconnects when it needs to)
+                reply = await self.store(data)
+                writer.writelines(_frame(marshal.dumps(reply)))
+                await writer.drain()
+        except (ConnectionError, ValueError) as exc:
+            logger.warning("dropping a worker connection: %s", exc)
+        finally:
+            writer.close()
+
+    async def store(self, data: bytes) -> tuple[str, Any]:
+        async with self.lock:
+            try:
+                batch, dropped = await self.builder.build(decode_items(data))
+                await self.storage.write_batch(batch)
+            except StorageError as exc:
+                return ("storage", exc.detail)
+            except Exception as exc:
+                logger.exception("storing a batch failed unexpectedly")
+                return ("bug", f"{type(exc).__name__}: {exc}")
+        tally = Tally(dropped=dropped)
+        tally.add_stored(batch)
+        return ("ok", tally.to_wire())
+
+
+async def run_writer(socket_path: str, stop: asyncio.Event) -> None:
+    """The writer process's life: open storage, serve workers until ``stop``, drain."""
+    from collector.aggregates import aggregators
+    from collector.backup import DatabaseLock
+    from collector.blocking import BlockList
+    from collector.config import load_settings, resolve_secret
+    from collector.enrich import Enricher
+    from collector.geo import GeoIP
+    from collector.logs import configure_logging
+    from collector.storage import open_storage
+
+    settings = resolve_secret(load_settings(os.environ.get("COLLECTOR_CONFIG") or None))
+    configure_logging(settings.server)
+    storage = open_storage(settings, aggregators(settings))
+    lock = DatabaseLock(Path(settings.storage.path))
+    geoip = GeoIP(settings.geoip)
+    await storage.open()
+    await lock.acquire_shared()
+    geoip.open()
+    blocks = BlockList(storage)
+    await blocks.start()
+    builder = BatchBuilder(Enricher(settings, geoip))
+    builder.filters.append(blocks.keep)
+    server = _Server(storage, builder)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket_path)  # left by a predecessor that was killed
+    listener = await asyncio.start_unix_server(server.handle, path=socket_path)
+    os.chmod(socket_path, 0o600)
+    gc.collect()
+    gc.freeze()  # parser tables, readers: out of the cyclic collector's scans
+    logger.info("writer process ready", extra={"pid": os.getpid()})
+    sys.stdout.buffer.write(_READY)
+    sys.stdout.buffer.flush()
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), _GEO_RELOAD_S)
+            geoip.maybe_reload()
+    finally:
+        listener.close()
+        async with server.lock:  # the batch in hand is committed before we close
+            await blocks.stop()
+            await storage.close()
+        geoip.close()
+        lock.release()
+        logger.info("writer process stopped", extra={"pid": os.getpid()})
+
+
+def _main(socket_path: str) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def wait_for_eof() -> None:
+            sys.stdin.buffer.read()  # returns when ``serve`` closes the pipe or dies
+            loop.call_soon_threadsafe(stop.set)
+
+        threading.Thread(target=wait_for_eof, name="stdin-eof", daemon=True).start()
+        await run_writer(socket_path, stop)
+
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except CollectorError as exc:
+        print(f"collector writer: {exc.detail}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    finally:
+        # ``serve`` may have died by its signal before it could clean up: leave nothing.
+        with contextlib.suppress(OSError):
+            os.unlink(socket_path)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(socket_path))
+    return 0
+
+
+# --- ``collector serve``'s side -------------------------------------------------------------
+
+
+class WriterProcess:
+    """Starts the writer process, restarts it if it dies, ends it after the workers."""
+
+    def __init__(self, ready_timeout_s: float = 60.0) -> None:
+        self.ready_timeout_s = ready_timeout_s
+        self.directory = Path(tempfile.mkdtemp(prefix="collector-writer-"))  # mode 0700
+        self.socket_path = str(self.directory / "writer.sock")
+        self.restarts = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stopping = False
+        self._watcher: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self) -> str:
+        """Start the process and wait until it serves; the socket path for the workers."""
+        self._spawn()
+        self._watcher = threading.Thread(target=self._watch, name="writer-watch", daemon=True)
+        self._watcher.start()
+        return self.socket_path
+
+    def _spawn(self) -> None:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "collector.writer_process", self.socket_path],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
+        self._proc = proc
+        assert proc.stdout is not None
+        line = _readline_within(proc.stdout, self.ready_timeout_s)
+        if line != _READY:
+            proc.kill()
+            proc.wait()
+            raise StorageError("the writer process did not start (its error is logged above)")
+
+    def _watch(self) -> None:
+        while not self._stopping:
+            proc = self._proc
+            assert proc is not None
+            code = proc.wait()
+            if self._stopping:
+                return
+            logger.error("writer process exited (code %s); starting a new one", code)
+            self.restarts += 1
+            time.sleep(0.5)
+            while not self._stopping:
+                try:
+                    self._spawn()
+                    break
+                except (OSError, StorageError):
+                    logger.exception("restarting the writer process failed; trying again")
+                    time.sleep(2)
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """After the workers have drained into it: let it finish and exit."""
+        self._stopping = True
+        proc = self._proc
+        if proc is not None and proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                logger.error("writer process did not stop within %.0f s; killing it", timeout_s)
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _readline_within(stream: Any, timeout_s: float) -> bytes:
+    """One line from a pipe, or b'' when the process exits or the time is up."""
+    found: list[bytes] = []
+    reader = threading.Thread(target=lambda: found.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout_s)
+    return found[0] if found else b""
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1]))
