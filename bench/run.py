@@ -79,11 +79,13 @@ class Server:
 
     def children(self) -> list[int]:
         """Child processes: uvicorn workers and the collector's writer process."""
-        try:
-            found = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
-        except OSError:
-            return []
-        return [int(p) for p in found.split()]
+        found: list[int] = []
+        for task in Path(f"/proc/{self.proc.pid}/task").glob("*"):  # per thread
+            try:
+                found += [int(p) for p in (task / "children").read_text().split()]
+            except OSError:
+                pass
+        return found
 
     def writer_pid(self) -> int | None:
         """The collector's writer process (``collector.writer_process``), if it has one."""
