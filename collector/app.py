@@ -64,7 +64,8 @@ class CollectorApp:
         self.metrics = Metrics()
         self.storage = open_storage(settings, aggregators(settings))
         self.geoip = GeoIP(settings.geoip)
-        self.enricher = Enricher(settings, self.geoip)
+        # With a writer process, enrichment happens there: this worker needs no parsers.
+        self.enricher = None if writer_socket else Enricher(settings, self.geoip)
         self.codec = ConsentCodec(settings.consent)
         self.writer = BatchWriter(
             self.storage,

@@ -151,7 +151,7 @@ class BatchWriter:
     def __init__(
         self,
         storage: Storage,
-        enricher: Enricher,
+        enricher: Enricher | None,
         *,
         batch_size: int,
         flush_interval_ms: int,
@@ -162,8 +162,11 @@ class BatchWriter:
         sink: Sink | None = None,
     ) -> None:
         self.storage = storage
-        self.enricher = enricher
-        self.sink: Sink = sink or LocalSink(storage, BatchBuilder(enricher))
+        if sink is None:
+            if enricher is None:
+                raise ValueError("a BatchWriter without a sink needs an enricher")
+            sink = LocalSink(storage, BatchBuilder(enricher))
+        self.sink: Sink = sink
         # Filters (blocks) run where the batch is built: here, or in the writer process.
         self.filters = self.sink.filters
         self.batch_size = batch_size

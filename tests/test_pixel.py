@@ -369,6 +369,7 @@ async def test_full_queue_drops_are_counted_not_raised(
 async def test_a_hit_that_trips_an_enrichment_bug_is_dropped_not_the_writer(
     app: CollectorApp, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    assert app.enricher is not None  # in-process writer
     real_row = app.enricher.row
 
     def buggy(hit):  # type: ignore[no-untyped-def]
