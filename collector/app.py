@@ -50,7 +50,7 @@ from collector.writer import BatchWriter
 
 logger = logging.getLogger(__name__)
 
-STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 CONFIG_ENV = "COLLECTOR_CONFIG"
 _GEO_RELOAD_S = 5.0
 
