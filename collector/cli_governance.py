@@ -244,7 +244,8 @@ def erase(settings: Settings, visitor: str | None, ip: str | None, yes: bool) ->
 @click.option("--days", type=click.IntRange(1), help="Override retention.days for this run.")
 @click.option("--dry-run", is_flag=True, help="Only say what would be purged.")
 def purge(settings: Settings, days: int | None, dry_run: bool) -> None:
-    """Apply retention (5.1) now: delete or depersonalise hits older than the period."""
+    """Apply retention (5.1) now: delete or depersonalise hits older than the period, and
+    delete proofs of consent older than consent.records_retention_days."""
     from collector import retention
 
     async def job(ctx: CliContext) -> tuple[retention.Plan, int]:
@@ -267,6 +268,30 @@ def purge(settings: Settings, days: int | None, dry_run: bool) -> None:
     verb = "would " + plan.mode if dry_run else plan.mode.rstrip("e") + "ed"
     count = plan.pending if dry_run else done
     click.echo(f"{verb} {count} hits older than {plan.days} days (before {_when(plan.cutoff_ms)})")
+    cplan, cdone = run_with_storage(settings, _consent_purge(settings, dry_run))
+    click.echo(
+        f"{'would delete' if dry_run else 'deleted'} {cplan.pending if dry_run else cdone} "
+        f"consent records older than {cplan.days} days (before {_when(cplan.cutoff_ms)})"
+    )
+
+
+def _consent_purge(settings: Settings, dry_run: bool) -> Callable[[CliContext], Any]:
+    """The proofs-of-consent half of ``collector purge`` (their own period; audited)."""
+    from collector import retention
+
+    async def job(ctx: CliContext) -> tuple[retention.ConsentPlan, int]:
+        plan = await retention.consent_records_plan(ctx.storage, settings)
+        if dry_run or not plan.pending:
+            return plan, 0
+        detail: dict[str, Any] = plan.as_dict()
+        async with ctx.audited("consent_records.purge", None, detail):
+            done = await retention.purge_consent_records(
+                ctx.storage, plan, settings.retention.chunk_size, ctx.actor
+            )
+            detail["rows"] = done
+        return plan, done
+
+    return job
 
 
 @main.command()

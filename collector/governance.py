@@ -3,7 +3,8 @@
 - holds a shared lock on the SQLite file, so ``collector restore`` refuses while it runs;
 - keeps the in-memory block list fresh (6.2.4) and plugs it into the batch writer, and
   releases (audited) the blocks whose end has passed;
-- applies retention every ``retention.interval_minutes`` (5.1), audited when it acts.
+- applies retention every ``retention.interval_minutes`` (5.1) to hits and, with their own
+  period, to proofs of consent; audited when it acts.
 
 The operations themselves live in blocking.py, subjects.py, retention.py, incident.py
 and backup.py; the admin API and the CLI call them and record the audit.
@@ -126,6 +127,29 @@ class Governance:
         logger.info("retention: %s %d hits older than %d days", plan.mode, done, plan.days)
         return done
 
+    async def apply_consent_retention(self, actor: str = "system") -> int:
+        """Delete the proofs of consent past ``consent.records_retention_days``; audited
+        whenever it deletes something or fails."""
+        plan = await retention.consent_records_plan(self.storage, self.settings)
+        if not plan.pending:
+            return 0
+        chunk = self.settings.retention.chunk_size
+        try:
+            done = await retention.purge_consent_records(self.storage, plan, chunk, actor)
+        except CollectorError as exc:
+            await self.audit.record(
+                actor=actor,
+                action="consent_records.purge",
+                outcome="error",
+                detail={**plan.as_dict(), "error": exc.detail},
+            )
+            raise
+        await self.audit.record(
+            actor=actor, action="consent_records.purge", detail={**plan.as_dict(), "rows": done}
+        )
+        logger.info("retention: deleted %d consent records older than %d days", done, plan.days)
+        return done
+
     async def _retain_every(self, interval_s: float) -> None:
         # Start soon after boot, jittered so several workers do not all start at once.
         await asyncio.sleep(min(interval_s, 30.0) * random.uniform(0.5, 1.0))
@@ -134,4 +158,8 @@ class Governance:
                 await self.apply_retention()
             except CollectorError as exc:
                 logger.error("retention run failed, will retry: %s", exc.detail)
+            try:
+                await self.apply_consent_retention()
+            except CollectorError as exc:
+                logger.error("consent record retention failed, will retry: %s", exc.detail)
             await asyncio.sleep(interval_s)

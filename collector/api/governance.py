@@ -144,11 +144,14 @@ def governance_routes(app: CollectorApp) -> list[Route]:
     @guard.route("admin", action="retention.plan")
     async def retention_plan(request: Request, who: Principal) -> Response:
         plan = await retention.plan(app.storage, app.settings)
-        return JSONResponse(plan.as_dict())
+        consent = await retention.consent_records_plan(app.storage, app.settings)
+        return JSONResponse({**plan.as_dict(), "consent_records": consent.as_dict()})
 
     @guard.route("admin", action="retention.run.request")
     async def retention_run(request: Request, who: Principal) -> Response:
-        return JSONResponse({"rows": await gov.apply_retention()})
+        rows = await gov.apply_retention()
+        consent = await gov.apply_consent_retention(actor=who.name)
+        return JSONResponse({"rows": rows, "consent_records": consent})
 
     return [
         Route("/api/admin/blocks", list_blocks, methods=["GET"]),
@@ -457,25 +460,36 @@ openapi.operation(
 openapi.operation(
     "GET",
     "/api/admin/retention",
-    summary="What a retention run (5.1) would do now: cutoff, mode, hits pending",
+    summary="What a retention run (5.1) would do now: cutoff, mode, hits pending, and the "
+    "same for proofs of consent (their own period)",
     roles=_ADMIN,
     tag="governance",
     response={
         "type": "object",
-        "required": ["cutoff_ms", "days", "mode", "pending"],
+        "required": ["cutoff_ms", "days", "mode", "pending", "consent_records"],
         "properties": {
             "cutoff_ms": _INT,
             "days": _INT,
             "mode": {"type": "string", "enum": ["delete", "depersonalise"]},
             "pending": _INT,
+            "consent_records": {
+                "type": "object",
+                "required": ["cutoff_ms", "days", "pending"],
+                "properties": {"cutoff_ms": _INT, "days": _INT, "pending": _INT},
+            },
         },
     },
 )
 openapi.operation(
     "POST",
     "/api/admin/retention/run",
-    summary="Apply retention (5.1) now; the rows deleted or depersonalised",
+    summary="Apply retention (5.1) now; the hits deleted or depersonalised and the consent "
+    "records deleted",
     roles=_ADMIN,
     tag="governance",
-    response={"type": "object", "required": ["rows"], "properties": {"rows": _INT}},
+    response={
+        "type": "object",
+        "required": ["rows", "consent_records"],
+        "properties": {"rows": _INT, "consent_records": _INT},
+    },
 )
