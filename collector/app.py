@@ -51,7 +51,7 @@ from collector.writer_process import SOCKET_ENV, RemoteSink
 
 logger = logging.getLogger(__name__)
 
-STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 CONFIG_ENV = "COLLECTOR_CONFIG"
 _GEO_RELOAD_S = 5.0
 

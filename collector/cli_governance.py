@@ -1,6 +1,7 @@
 """CLI commands for personal-data governance; each one is audited (5.5).
 
-block / unblock / blocks (6.2.4), export / erase (subject requests), purge (5.1),
+block / unblock / blocks (6.2.4; they also release, audited, the blocks whose end has
+passed, as a running server does), export / erase (subject requests), purge (5.1),
 incident (5.4), backup / restore (5.5). Thin wrappers over the library functions.
 """
 
@@ -53,48 +54,98 @@ def _subject(visitor: str | None, ip: str | None) -> Any:
         raise click.UsageError(exc.detail) from None
 
 
+def _target(visitor: str | None, ip: str | None, network: str | None, force: bool) -> Any:
+    from collector.blocking import Target
+
+    try:
+        return Target.parse(visitor, ip, network, force=force)
+    except InputError as exc:
+        raise click.UsageError(exc.detail) from None
+
+
+async def _expire_due(ctx: CliContext, settings: Settings) -> None:
+    """Release (audited) the blocks whose end has passed, as a server would."""
+    from collector import aggregates, blocking
+
+    await blocking.expire_due(ctx.storage, aggregates.rebuilders(settings), ctx.audit)
+
+
 @main.command()
 @with_settings
 @_subject_options
+@click.option("--network", help="An IP network in CIDR form (203.0.113.0/24, 2001:db8::/48).")
+@click.option("--force", is_flag=True, help="Allow a network wider than /16 (IPv4), /32 (IPv6).")
 @click.option("--reason", required=True, help="The request or the check the block is for.")
-def block(settings: Settings, visitor: str | None, ip: str | None, reason: str) -> None:
+@click.option("--for", "duration", help="End the block after this long: 30d, 12h, 90m, 2w.")
+@click.option("--until", help="End the block at this time (ISO 8601, UTC unless offset).")
+def block(
+    settings: Settings,
+    visitor: str | None,
+    ip: str | None,
+    network: str | None,
+    force: bool,
+    reason: str,
+    duration: str | None,
+    until: str | None,
+) -> None:
     """Block a subject (6.2.4): new hits are not recorded, old ones are hidden."""
     from collector import aggregates, blocking
 
-    subject = _subject(visitor, ip)
+    target = _target(visitor, ip, network, force)
+    try:
+        expires_at = blocking.parse_expiry(until, duration)
+    except InputError as exc:
+        raise click.UsageError(exc.detail.replace("expires_at", "--until")) from None
     rebuild = aggregates.rebuilders(settings)
 
     async def job(ctx: CliContext) -> dict[str, Any]:
+        await _expire_due(ctx, settings)
         since = int(time.time() * 1000)
-        detail = {"kind": subject.kind, "reason": reason}
-        async with ctx.audited("block.add", subject.value, detail):
-            row = await blocking.add(ctx.storage, subject, reason, ctx.actor, rebuild)
+        detail: dict[str, Any] = {"kind": target.kind, "reason": reason}
+        if expires_at is not None:
+            detail["expires_at"] = expires_at
+        if force:
+            detail["force"] = True
+        async with ctx.audited("block.add", target.value, detail):
+            row = await blocking.add(
+                ctx.storage, target, reason, ctx.actor, rebuild, expires_at=expires_at
+            )
         # Running servers refresh their block list within 0.25 s; then make rollups exact.
-        await blocking.settle(ctx.storage, subject, since, 1.0, rebuild)
+        await blocking.settle(ctx.storage, target, since, 1.0, rebuild, int(row["id"]))
         return row
 
     row = run_with_storage(settings, job)
-    click.echo(f"blocked {subject.kind} {subject.value} (block {row['id']})")
+    until_text = f" until {_when(row['expires_at'])} UTC" if row["expires_at"] else ""
+    click.echo(f"blocked {target.kind} {target.value} (block {row['id']}){until_text}")
 
 
 @main.command()
 @with_settings
 @_subject_options
+@click.option("--network", help="An IP network in CIDR form.")
 @click.option("--id", "block_id", type=int, help="The block id (see `collector blocks`).")
-def unblock(settings: Settings, visitor: str | None, ip: str | None, block_id: int | None) -> None:
+def unblock(
+    settings: Settings,
+    visitor: str | None,
+    ip: str | None,
+    network: str | None,
+    block_id: int | None,
+) -> None:
     """Release a block: the subject's data counts again and new hits are recorded."""
     from collector import aggregates, blocking
 
-    subject = None if block_id is not None and not (visitor or ip) else _subject(visitor, ip)
+    named = visitor or ip or network
+    target = None if block_id is not None and not named else _target(visitor, ip, network, True)
     rebuild = aggregates.rebuilders(settings)
 
     async def job(ctx: CliContext) -> dict[str, Any]:
-        target = block_id
-        if subject is not None:
-            target = await blocking.find_active(ctx.storage, subject)
-        assert target is not None
-        async with ctx.audited("block.release", subject.value if subject else None):
-            return await blocking.release(ctx.storage, target, ctx.actor, rebuild)
+        await _expire_due(ctx, settings)
+        target_id = block_id
+        if target is not None:
+            target_id = await blocking.find_active(ctx.storage, target)
+        assert target_id is not None
+        async with ctx.audited("block.release", target.value if target else None):
+            return await blocking.release(ctx.storage, target_id, ctx.actor, rebuild)
 
     row = run_with_storage(settings, job)
     click.echo(f"unblocked {row['kind']} {row['value']} (block {row['id']})")
@@ -102,16 +153,24 @@ def unblock(settings: Settings, visitor: str | None, ip: str | None, block_id: i
 
 @main.command("blocks")
 @with_settings
-@click.option("--all", "everything", is_flag=True, help="Include released blocks.")
+@click.option("--all", "everything", is_flag=True, help="Include released and expired blocks.")
 def blocks(settings: Settings, everything: bool) -> None:
-    """List blocks, newest first."""
+    """List blocks, newest first: those in force, or all of them with their state."""
     from collector import blocking
 
     async def job(ctx: CliContext) -> list[dict[str, Any]]:
+        await _expire_due(ctx, settings)
         return await blocking.listing(ctx.storage, active_only=not everything)
 
     for r in run_with_storage(settings, job):
-        state = f"released {_when(r['released_at'])}" if r["released_at"] else "active"
+        if r["state"] == "expired":
+            state = f"expired {_when(r['expires_at'])}"
+        elif r["state"] == "released":
+            state = f"released {_when(r['released_at'])}"
+        elif r["expires_at"]:
+            state = f"active until {_when(r['expires_at'])}"
+        else:
+            state = "active"
         click.echo(
             f"{r['id']:>5} {r['kind']:<7} {r['value']:<34} {_when(r['created_at'])} "
             f"{r['created_by']:<16} {state}  {r['reason']}"
@@ -185,7 +244,8 @@ def erase(settings: Settings, visitor: str | None, ip: str | None, yes: bool) ->
 @click.option("--days", type=click.IntRange(1), help="Override retention.days for this run.")
 @click.option("--dry-run", is_flag=True, help="Only say what would be purged.")
 def purge(settings: Settings, days: int | None, dry_run: bool) -> None:
-    """Apply retention (5.1) now: delete or depersonalise hits older than the period."""
+    """Apply retention (5.1) now: delete or depersonalise hits older than the period, and
+    delete proofs of consent older than consent.records_retention_days."""
     from collector import retention
 
     async def job(ctx: CliContext) -> tuple[retention.Plan, int]:
@@ -208,6 +268,30 @@ def purge(settings: Settings, days: int | None, dry_run: bool) -> None:
     verb = "would " + plan.mode if dry_run else plan.mode.rstrip("e") + "ed"
     count = plan.pending if dry_run else done
     click.echo(f"{verb} {count} hits older than {plan.days} days (before {_when(plan.cutoff_ms)})")
+    cplan, cdone = run_with_storage(settings, _consent_purge(settings, dry_run))
+    click.echo(
+        f"{'would delete' if dry_run else 'deleted'} {cplan.pending if dry_run else cdone} "
+        f"consent records older than {cplan.days} days (before {_when(cplan.cutoff_ms)})"
+    )
+
+
+def _consent_purge(settings: Settings, dry_run: bool) -> Callable[[CliContext], Any]:
+    """The proofs-of-consent half of ``collector purge`` (their own period; audited)."""
+    from collector import retention
+
+    async def job(ctx: CliContext) -> tuple[retention.ConsentPlan, int]:
+        plan = await retention.consent_records_plan(ctx.storage, settings)
+        if dry_run or not plan.pending:
+            return plan, 0
+        detail: dict[str, Any] = plan.as_dict()
+        async with ctx.audited("consent_records.purge", None, detail):
+            done = await retention.purge_consent_records(
+                ctx.storage, plan, settings.retention.chunk_size, ctx.actor
+            )
+            detail["rows"] = done
+        return plan, done
+
+    return job
 
 
 @main.command()

@@ -91,6 +91,9 @@ class ConsentSettings:
     plain_advertising: tuple[str, ...] = ("all", "advertising")
     # Key for the IP hash in consent records; empty: derived from ``secret``.
     ip_pepper: str = ""
+    # 5.1, 5.5: proofs of consent are deleted this many days after the decision; 0 means
+    # period_days + the hits' retention, so a proof outlives every hit recorded under it.
+    records_retention_days: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,6 +342,7 @@ def _validate(s: Settings) -> None:
     if s.storage.partition_days_ahead < 0:
         raise ConfigError("storage.partition_days_ahead: must not be negative")
     positive("consent.period_days", s.consent.period_days)
+    _validate_records_retention(s)
     if not _POLICY_VERSION.match(s.consent.policy_version):
         raise ConfigError(
             "consent.policy_version: use 1-32 letters, digits, '-' or '_', "
@@ -382,6 +386,18 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"collect.{key}: must not be negative (0 = unlimited)")
 
     positive("stats.min_visitors", s.stats.min_visitors)
+
+
+def _validate_records_retention(s: Settings) -> None:
+    kept = s.consent.records_retention_days
+    needed = s.consent.period_days + (s.retention.days or s.consent.period_days)
+    if kept < 0:
+        raise ConfigError("consent.records_retention_days: must not be negative (0 = derived)")
+    if 0 < kept < needed:
+        raise ConfigError(
+            f"consent.records_retention_days: at least {needed} (consent.period_days + the "
+            "hits' retention.days), or a proof would go before the hits recorded under it"
+        )
 
 
 def _validate_consent_sources(c: ConsentSettings) -> None:

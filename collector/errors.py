@@ -9,7 +9,9 @@ The API turns a ``CollectorError`` into ``{"error": code, "detail": ...}`` with 
     │   └── DatabaseUnreachable  no connection at all (the spool takes over)
     ├── InputError           a request or CLI argument is malformed (400)
     │   ├── NotFound         the thing named does not exist (404)
-    │   └── Conflict         well formed, but clashes with what is there (409)
+    │   ├── Conflict         well formed, but clashes with what is there (409)
+    │   └── Unprocessable    well formed, but refused as it stands (422), e.g. a network
+    │                        block wider than the limit without force, an expiry in the past
     └── AuthError            missing or bad credentials (401)
         └── Forbidden        valid credentials, wrong role (403)
 """
@@ -53,6 +55,11 @@ class NotFound(InputError):
 class Conflict(InputError):
     status = 409
     code = "conflict"
+
+
+class Unprocessable(InputError):
+    status = 422
+    code = "unprocessable"
 
 
 class AuthError(CollectorError):

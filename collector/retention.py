@@ -136,3 +136,72 @@ async def _depersonalise_chunk(storage: Storage, cutoff_ms: int, chunk_size: int
             [(truncate_ip(r["ip"]), r["id"]) for r in rows],
         )
     return len(rows)
+
+
+# --- Proofs of consent ---------------------------------------------------------------------
+# Kept apart from the hits above: a consent record proves the lawfulness of the hits recorded
+# under it, so it lives longer than they do (consent.records_retention_days).
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentPlan:
+    cutoff_ms: int
+    days: int
+    pending: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"cutoff_ms": self.cutoff_ms, "days": self.days, "pending": self.pending}
+
+
+def consent_records_days(settings: Settings) -> int:
+    """How long a proof of consent is kept: the configured period, or else the consent
+    period plus the hits' retention, so that it outlives every hit recorded under it (the
+    last one can be recorded ``period_days`` after the decision and is kept
+    ``retention_days`` more)."""
+    configured = settings.consent.records_retention_days
+    return configured or settings.consent.period_days + retention_days(settings)
+
+
+async def consent_records_plan(
+    storage: Storage, settings: Settings, now_ms: int | None = None
+) -> ConsentPlan:
+    """What a consent-record purge would do now: the cutoff and how many records go."""
+    days = consent_records_days(settings)
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    cutoff = now_ms - days * DAY_MS
+    row = await storage.fetch_one(
+        "SELECT count(*) AS n FROM consent_records WHERE decided_at_ms < ?", [cutoff]
+    )
+    return ConsentPlan(cutoff, days, int(row["n"]) if row else 0)
+
+
+async def purge_consent_records(
+    storage: Storage,
+    p: ConsentPlan,
+    chunk_size: int,
+    actor: str,
+    pause_s: float = 0.005,
+) -> int:
+    """Delete the consent records decided before ``p.cutoff_ms``; the number deleted.
+
+    The purge is first registered in ``consent_record_purges`` (append-only): the database
+    refuses to delete a consent record younger than the newest registered cutoff, and an
+    edit of any record whatever its age. Deletes go in short chunks like the hits'.
+    """
+    if not p.pending:
+        return 0
+    await storage.execute(
+        "INSERT INTO consent_record_purges (cutoff_ms, days, pending, actor) VALUES (?, ?, ?, ?)",
+        [p.cutoff_ms, p.days, p.pending, actor[:128]],
+    )
+    done = 0
+    while True:
+        n = await storage.execute(
+            "DELETE FROM consent_records WHERE id IN (SELECT id FROM consent_records "
+            "WHERE decided_at_ms < ? ORDER BY decided_at_ms LIMIT ?)",
+            [p.cutoff_ms, chunk_size],
+        )
+        done += n
+        if n < chunk_size:
+            return done
+        await asyncio.sleep(pause_s)

@@ -83,6 +83,9 @@ def personal_tables() -> list[PersonalTable]:
         PersonalTable("ipstat_minute", ip_column="ip"),
         PersonalTable("ipstat_unconsented", ip_column="ip"),
         PersonalTable("ipstat_unconsented_minute", ip_column="ip"),
+        # Addresses with hits inside a network block in force (6.2.4): an erased IP's hits
+        # are gone, and the writer filter keeps blocking the network without the row.
+        PersonalTable("block_ips", ip_column="ip"),
         # App collection: an app instance id is the app's visitor id.
         PersonalTable("collect_dedupe", visitor_column="instance_id"),
     ]

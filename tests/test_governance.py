@@ -347,7 +347,7 @@ async def test_retention_deletes_old_hits_and_keeps_aggregates(
     plan = (await client.get("/api/admin/retention", headers=admin)).json()
     assert plan["days"] == 365 and plan["pending"] == 7  # default: consent.period_days
     done = await client.post("/api/admin/retention/run", headers=admin)
-    assert done.json() == {"rows": 7}
+    assert done.json() == {"rows": 7, "consent_records": 0}
     assert await count(app, "SELECT count(*) AS n FROM hits") == 1
     assert await DailyRollup.total(app) == 8  # rollups stay
     assert await app.storage.fetch_all("SELECT * FROM pixel_counts") == counts_before
@@ -494,7 +494,8 @@ async def test_governance_operations_run_on_every_backend(
     exported = await client.get(f"/api/admin/subjects?visitor={ALICE}", headers=admin)
     assert len(exported.json()["hits"]) == 2
     assert (await client.delete(f"/api/admin/blocks/{made.json()['id']}", headers=admin)).is_success
-    assert (await client.post("/api/admin/retention/run", headers=admin)).json() == {"rows": 1}
+    ran = await client.post("/api/admin/retention/run", headers=admin)
+    assert ran.json() == {"rows": 1, "consent_records": 0}
     erased = await client.post("/api/admin/subjects/erase", json={"ip": "1.1.1.1"}, headers=admin)
     assert erased.json()["hits"] == 1
     assert await app.storage.fetch_all("SELECT visitor_id FROM hits") == [{"visitor_id": ALICE}]

@@ -43,6 +43,22 @@ def _subject(request: Request, source: dict[str, Any]) -> Subject:
     return found
 
 
+def _target(request: Request, body: dict[str, Any]) -> blocking.Target:
+    named = {k: body.get(k) for k in ("visitor", "ip", "network")}
+    if not all(isinstance(v, str | None) for v in named.values()):
+        raise InputError("visitor, ip, network: expected strings")
+    force = body.get("force", False)
+    if not isinstance(force, bool):
+        raise InputError("force: expected true or false")
+    found = blocking.Target.parse(**named, force=force)
+    request.state.audit_subject = found.value
+    detail: dict[str, Any] = {"kind": found.kind}
+    if force:
+        detail["force"] = True  # a network wider than the limit, on purpose
+    request.state.audit_detail = detail
+    return found
+
+
 def governance_routes(app: CollectorApp) -> list[Route]:
     guard = app.guard
     gov = app.governance
@@ -55,14 +71,21 @@ def governance_routes(app: CollectorApp) -> list[Route]:
     @guard.route("admin", action="block.add", personal=True)
     async def add_block(request: Request, who: Principal) -> Response:
         body = await _body(request)
-        subject = _subject(request, body)
+        target = _target(request, body)
         reason = body.get("reason")
         if not isinstance(reason, str):
             raise InputError("reason: required, say why the data is blocked")
+        ends, duration = body.get("expires_at"), body.get("for")
+        if not isinstance(ends, str | int | None) or not isinstance(duration, str | None):
+            raise InputError("expires_at, for: expected strings")
+        expires_at = blocking.parse_expiry(ends, duration)
+        request.state.audit_detail["expires_at"] = expires_at
         since = int(time.time() * 1000)
-        row = await blocking.add(app.storage, subject, reason, who.name, gov.rebuilders)
+        row = await blocking.add(
+            app.storage, target, reason, who.name, gov.rebuilders, expires_at=expires_at
+        )
         await gov.blocklist.refresh()  # this process stops recording at once
-        gov.settle_later(subject, since)
+        gov.settle_later(target, since, int(row["id"]))
         return JSONResponse(row, status_code=201)
 
     @guard.route("admin", action="block.release", personal=True)
@@ -121,11 +144,14 @@ def governance_routes(app: CollectorApp) -> list[Route]:
     @guard.route("admin", action="retention.plan")
     async def retention_plan(request: Request, who: Principal) -> Response:
         plan = await retention.plan(app.storage, app.settings)
-        return JSONResponse(plan.as_dict())
+        consent = await retention.consent_records_plan(app.storage, app.settings)
+        return JSONResponse({**plan.as_dict(), "consent_records": consent.as_dict()})
 
     @guard.route("admin", action="retention.run.request")
     async def retention_run(request: Request, who: Principal) -> Response:
-        return JSONResponse({"rows": await gov.apply_retention()})
+        rows = await gov.apply_retention()
+        consent = await gov.apply_consent_retention(actor=who.name)
+        return JSONResponse({"rows": rows, "consent_records": consent})
 
     return [
         Route("/api/admin/blocks", list_blocks, methods=["GET"]),
@@ -171,13 +197,84 @@ _BLOCK: dict[str, Any] = {
     "required": ["id", "kind", "value", "reason", "created_at", "created_by"],
     "properties": {
         "id": _INT,
-        "kind": {"type": "string", "enum": ["visitor", "ip"]},
-        "value": _STR,
+        "kind": {"type": "string", "enum": ["visitor", "ip", "network"]},
+        "value": {
+            "type": "string",
+            "description": "Visitor id, canonical IP, or network in CIDR form (host bits 0)",
+        },
         "reason": _STR,
         "created_at": _INT,
         "created_by": _STR,
-        "released_at": _NINT,
-        "released_by": _NSTR,
+        "released_at": {
+            **_NINT,
+            "description": "unix ms of the release; for an expired block, its expires_at",
+        },
+        "released_by": {**_NSTR, "description": "who released it; `expiry` when it ended"},
+        "expires_at": {**_NINT, "description": "unix ms when the block ends; null: never"},
+        "state": {
+            "type": "string",
+            "enum": ["active", "expired", "released"],
+            "description": "In block listings and answers (not in a subject export)",
+        },
+    },
+}
+_HEX = "[0-9A-Fa-f]{1,4}"
+_IPV6 = (
+    rf"({_HEX}:){{7}}{_HEX}|({_HEX}:){{1,7}}:|({_HEX}:){{1,6}}:{_HEX}"
+    rf"|({_HEX}:){{1,5}}(:{_HEX}){{1,2}}|({_HEX}:){{1,4}}(:{_HEX}){{1,3}}"
+    rf"|({_HEX}:){{1,3}}(:{_HEX}){{1,4}}|({_HEX}:){{1,2}}(:{_HEX}){{1,5}}"
+    rf"|{_HEX}:(:{_HEX}){{1,6}}|:((:{_HEX}){{1,7}}|:)"
+)
+_IPV6_NET = rf"^({_IPV6})(/(12[0-8]|1[01][0-9]|[1-9]?[0-9]))?$"
+_NETWORK = {
+    "type": "string",
+    "anyOf": [{"pattern": _IPV4_NET}, {"pattern": _IPV6_NET}],
+    "description": "A network in CIDR form, e.g. 203.0.113.0/24 or 2001:db8::/48. Host bits "
+    "are cleared; an IPv4-mapped IPv6 network becomes IPv4; a /32 or /128 is an IP block. "
+    "Wider than /16 (IPv4) or /32 (IPv6) is refused (422) unless force is true.",
+}
+_BLOCK_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["reason"],
+                "properties": {
+                    "visitor": _VISITOR,
+                    "ip": _IP,
+                    "network": _NETWORK,
+                    "reason": {
+                        "type": "string",
+                        "pattern": r"\S",
+                        "description": "Why (request, check)",
+                    },
+                    "expires_at": {
+                        "anyOf": [
+                            {"type": "string", "format": "date-time"},
+                            {"type": "integer", "minimum": 0, "maximum": MAX_ID},
+                        ],
+                        "description": "When the block ends by itself (ISO 8601, UTC unless "
+                        "offset, or unix ms); must be in the future (422 otherwise)",
+                    },
+                    "for": {
+                        "type": "string",
+                        "pattern": r"^[1-9][0-9]{0,5}[smhdw]$",
+                        "description": "Instead of expires_at: how long, e.g. 30d, 12h, 2w",
+                    },
+                    "force": {
+                        "type": "boolean",
+                        "description": "Allow a network wider than /16 (IPv4) or /32 (IPv6)",
+                    },
+                },
+                "oneOf": [
+                    {"required": ["visitor"]},
+                    {"required": ["ip"]},
+                    {"required": ["network"]},
+                ],
+                "not": {"required": ["expires_at", "for"]},
+            }
+        }
     },
 }
 
@@ -201,7 +298,8 @@ _BLOCK_ID = openapi.path_param(
 openapi.operation(
     "GET",
     "/api/admin/blocks",
-    summary="Blocks (6.2.4), newest first; only the active ones unless all=true",
+    summary="Blocks (6.2.4), newest first; only those in force unless all=true (then "
+    "released and expired ones too, with their state)",
     roles=_ADMIN,
     tag="governance",
     parameters=[
@@ -218,12 +316,11 @@ openapi.operation(
 openapi.operation(
     "POST",
     "/api/admin/blocks",
-    summary="Block a visitor or IP: recording stops and its data leaves every aggregate",
+    summary="Block a visitor, IP or network: recording stops and its data leaves every "
+    "aggregate, until released or until expires_at",
     roles=_ADMIN,
     tag="governance",
-    request_body=_subject_body(
-        reason={"type": "string", "pattern": r"\S", "description": "Why (request, check)"}
-    ),
+    request_body=_BLOCK_BODY,
     responses={
         "201": {
             "description": "Blocked",
@@ -237,6 +334,9 @@ openapi.operation(
             },
         },
         "409": openapi.error("The subject is blocked already"),
+        "422": openapi.error(
+            "The network is wider than the limit without force, or expires_at has passed"
+        ),
     },
 )
 openapi.operation(
@@ -247,7 +347,7 @@ openapi.operation(
     tag="governance",
     parameters=[_BLOCK_ID],
     response=_BLOCK,
-    responses={"404": openapi.error("No active block has this id")},
+    responses={"404": openapi.error("No active block has this id (released or expired)")},
 )
 openapi.operation(
     "GET",
@@ -360,25 +460,36 @@ openapi.operation(
 openapi.operation(
     "GET",
     "/api/admin/retention",
-    summary="What a retention run (5.1) would do now: cutoff, mode, hits pending",
+    summary="What a retention run (5.1) would do now: cutoff, mode, hits pending, and the "
+    "same for proofs of consent (their own period)",
     roles=_ADMIN,
     tag="governance",
     response={
         "type": "object",
-        "required": ["cutoff_ms", "days", "mode", "pending"],
+        "required": ["cutoff_ms", "days", "mode", "pending", "consent_records"],
         "properties": {
             "cutoff_ms": _INT,
             "days": _INT,
             "mode": {"type": "string", "enum": ["delete", "depersonalise"]},
             "pending": _INT,
+            "consent_records": {
+                "type": "object",
+                "required": ["cutoff_ms", "days", "pending"],
+                "properties": {"cutoff_ms": _INT, "days": _INT, "pending": _INT},
+            },
         },
     },
 )
 openapi.operation(
     "POST",
     "/api/admin/retention/run",
-    summary="Apply retention (5.1) now; the rows deleted or depersonalised",
+    summary="Apply retention (5.1) now; the hits deleted or depersonalised and the consent "
+    "records deleted",
     roles=_ADMIN,
     tag="governance",
-    response={"type": "object", "required": ["rows"], "properties": {"rows": _INT}},
+    response={
+        "type": "object",
+        "required": ["rows", "consent_records"],
+        "properties": {"rows": _INT, "consent_records": _INT},
+    },
 )
