@@ -40,6 +40,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "pip",
             "wheel",
             "--no-deps",
+            # The venv's own setuptools (a test extra): nothing is downloaded at test time.
+            "--no-build-isolation",
             "--disable-pip-version-check",
             "--quiet",
             "--wheel-dir",
