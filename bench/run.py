@@ -423,19 +423,6 @@ def main(argv: list[str] | None = None) -> int:
         summary["ratio_per_round"] = summary["collector"]["ratio_per_round"]
         summary["ratio_median"] = summary["collector"]["ratio_median"]
         summary["cpu_ratio"] = summary["collector"]["cpu_ratio"]
-        if not args.skip_variants:
-            # Everything on one core (the writer process pinned beside uvicorn), and the
-            # writer in a thread of the worker (``writer_process = false``, the earlier
-            # design): what the writer process buys, measured in the same run.
-            for tag, extra in (
-                ("one-core", {}),
-                ("inline", {"COLLECTOR_STORAGE_WRITER_PROCESS": "false"}),
-            ):
-                v_db = work / f"{tag}.db"
-                variant = start_collector(work, {**collector_env(v_db), **extra}, tag=f"-{tag}")
-                servers.append(variant)
-                contenders.append((tag, variant, v_db))
-                wrk(variant.url, data, 3, connections=args.connections)
         if args.baseline:
             summary["collector_vs_baseline"] = _med(
                 [
