@@ -91,6 +91,36 @@ async def test_batch_is_all_or_nothing(backend_settings: Settings) -> None:
         await storage.close()
 
 
+async def test_pixel_and_app_hits_in_one_batch_keep_every_column(
+    backend_settings: Settings,
+) -> None:
+    # SQLite inserts pixel hits through a narrower statement: the app columns must still
+    # be NULL for them and exact for app events, whatever the mix of a batch.
+    pixel = [sample_row(ts_ms=t, ip=f"192.0.2.{t}") for t in (1, 3)]
+    app = [
+        sample_row(
+            ts_ms=t, source="app", event_id=f"e{t}", event_type="screen_view",
+            client_ts_ms=t - 1, received_ms=t + 1, time_flag="stale", app_version="2.1",
+            device_model="iPhone14,2",
+        )
+        for t in (2, 4)
+    ]  # fmt: skip
+    partial = sample_row(ts_ms=5, event_type="page_view")  # one app column set
+    storage = open_storage(backend_settings)
+    await storage.open()
+    try:
+        await storage.write_batch(Batch(hits=pixel))
+        await storage.write_batch(Batch(hits=[pixel[0], app[0], pixel[1], app[1], partial]))
+        cols = ", ".join(HitRow._fields)
+        stored = [
+            HitRow(**r)
+            for r in await storage.fetch_all(f"SELECT {cols} FROM hits ORDER BY ts_ms, id")
+        ]
+        assert stored == sorted([*pixel, *pixel, *app, partial], key=lambda h: h.ts_ms)
+    finally:
+        await storage.close()
+
+
 async def test_generic_access_is_portable(backend_settings: Settings) -> None:
     storage = open_storage(backend_settings)
     await storage.open()
