@@ -167,3 +167,19 @@ async def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, storage={"path": str(tmp_path / "nope" / "c.db")})
     with pytest.raises(StorageError, match="does not exist"):
         await open_storage(settings).open()
+
+
+async def test_hits_keep_only_the_indexes_a_query_uses(sqlite_settings: Settings) -> None:
+    # Every index on hits costs each stored row (issue 8): time ranges (retention,
+    # rebuilds, breach report), IP (erasure, export, IP troubleshooting) and visitor id
+    # (erasure, export). Source is a rollup dimension and has no index.
+    storage = open_storage(sqlite_settings)
+    await storage.open()
+    try:
+        found = await storage.fetch_all(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'hits' "
+            "AND sql IS NOT NULL ORDER BY name"
+        )
+    finally:
+        await storage.close()
+    assert [r["name"] for r in found] == ["hits_ip", "hits_ts", "hits_visitor"]
