@@ -41,7 +41,7 @@ import datetime as dt
 import functools
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -197,20 +197,65 @@ def _values(hit: HitRow) -> tuple[str, ...]:
     )
 
 
+class RegisterCache:
+    """HyperLogLog registers this process knows to be stored at least this high.
+
+    An upsert of a register can only raise it (``MAX``), so a batch may leave out every
+    register whose stored value is already >= its own: on a store where most visitors
+    return, that is nearly all of them. Valid only while no rewrite lowered stored
+    registers: ``rebuild`` and ``derive_months`` bump the ``rewrites`` counter in
+    ``rollup_state`` in their own transaction, the batch writer reads it inside each
+    batch transaction, and on any change it empties the cache and prepares the batch
+    again without it (``SQLiteStorage.write_batch``). Entries are only added after the
+    batch that wrote them committed, under the generation it read.
+
+    Month rows need no entries of their own: a month register is the maximum of its day
+    registers on every path (written beside them, or derived from them), so a day
+    register known high enough proves its month register is too.
+    """
+
+    _LIMIT = 200_000  # ~30 MB; dropping it only costs re-sending registers
+
+    def __init__(self) -> None:
+        self.generation: int | None = None
+        self.known: dict[HllKey, int] = {}
+
+    def reset(self, generation: int) -> None:
+        self.generation = generation
+        self.known = {}
+
+    def merge(self, written: dict[HllKey, int], generation: int) -> None:
+        if generation != self.generation:
+            return  # written under an older generation: proves nothing now
+        known = self.known
+        if len(known) + len(written) > self._LIMIT:
+            known.clear()
+        for key, rho in written.items():
+            if known.get(key, 0) < rho:
+                known[key] = rho
+
+
 class Accumulator:
     """Pre-aggregates hits in Python: one entry per distinct rollup key.
 
-    Per hit it only counts a signature (hour, visitor, values of the fixed dimensions)
-    and the page; the signatures are expanded into rollup keys once each in
-    ``statements``, and month rows are derived from day rows there too. A visitor's hits
-    within a batch mostly share one signature, so the expansion -- ~50 keys -- runs once
-    per visitor rather than once per hit (it was ~24 us a hit when it ran per hit).
+    Per hit it only counts the hour's combination of fixed-dimension values (hits and
+    visitor bits), the page, and the (day, visitor, values) it saw for the sketches.
+    Combinations are expanded into rollup keys -- ~40 each -- once per batch in
+    ``statements``, and month rows are derived from day rows there too. A batch of 2,000
+    realistic hits has ~330 combinations against ~1,650 (hour, visitor, values)
+    signatures, which is what it expanded before (docs/PERFORMANCE.md, issue 8).
+
+    ``known`` (a ``RegisterCache``'s entries) leaves out registers already stored at
+    least as high; ``written`` holds the day registers the statements raise.
     """
 
-    def __init__(self) -> None:
-        self._sigs: dict[tuple[int, str, tuple[str, ...]], int] = {}
+    def __init__(self, known: dict[HllKey, int] | None = None) -> None:
+        self._cells: dict[tuple[int, tuple[str, ...]], list[int]] = {}
+        self._visits: set[tuple[int, str, tuple[str, ...]]] = set()
         self._pages: dict[tuple[int, str], list[int]] = {}
         self._hashes: dict[str, tuple[int, int, int]] = {}
+        self._known = known or {}
+        self.written: dict[HllKey, int] = {}
 
     def _visitor(self, visitor_id: str) -> tuple[int, int, int]:
         found = self._hashes.get(visitor_id)
@@ -223,15 +268,25 @@ class Accumulator:
     def add(self, hit: HitRow) -> None:
         ts = hit.ts_ms
         vid = hit.visitor_id
-        key = (ts - ts % HOUR_MS, vid, _values(hit))
-        sigs = self._sigs
-        sigs[key] = sigs.get(key, 0) + 1
-        page_key = (ts - ts % DAY_MS, _cached_page(hit.page_url))
+        bit = self._visitor(vid)[0]
+        values = _values(hit)
+        hour = ts - ts % HOUR_MS
+        key = (hour, values)
+        cell = self._cells.get(key)
+        if cell is None:
+            self._cells[key] = [1, bit]
+        else:
+            cell[0] += 1
+            cell[1] |= bit
+        day = ts - ts % DAY_MS
+        self._visits.add((day, vid, values))
+        page_key = (day, _cached_page(hit.page_url))
         cell = self._pages.get(page_key)
         if cell is None:
-            cell = self._pages[page_key] = [0, 0]
-        cell[0] += 1
-        cell[1] |= self._visitor(vid)[0]
+            self._pages[page_key] = [1, bit]
+        else:
+            cell[0] += 1
+            cell[1] |= bit
 
     def _expand(
         self,
@@ -249,25 +304,28 @@ class Accumulator:
 
         for (day, page), (n, bits) in self._pages.items():
             bump(("", "", "page", "day", day, page), n, bits)
-        for (hour, vid, values), n in self._sigs.items():
-            bit, reg, rho = self._visitor(vid)
+        for (hour, values), (n, bits) in self._cells.items():
             day = hour - hour % DAY_MS
             for i, dim in enumerate(_FIXED_DIMS):
-                bump(("", "", dim, "day", day, values[i]), n, bit)
+                bump(("", "", dim, "day", day, values[i]), n, bits)
             for i, dim in _HOURLY_INDEX:
-                bump(("", "", dim, "hour", hour, values[i]), n, bit)
+                bump(("", "", dim, "hour", hour, values[i]), n, bits)
+            for fi, di, fdim, dim in _CROSS:
+                bump((fdim, values[fi], dim, "day", day, values[di]), n, bits)
+        known = self._known
+        for day, vid, values in self._visits:
+            _, reg, rho = self._hashes[vid]
             for i, dim in _SKETCHED_INDEX:
                 hkey = (dim, values[i], day, reg)
-                if hll.get(hkey, 0) < rho:
+                if known.get(hkey, 0) < rho and hll.get(hkey, 0) < rho:
                     hll[hkey] = rho
-            for fi, di, fdim, dim in _CROSS:
-                bump((fdim, values[fi], dim, "day", day, values[di]), n, bit)
         return acc, hll
 
     def statements(self, *, months: bool = True) -> list[Statement]:
         """Upserts for everything added; ``months=False`` leaves the month rows out
         (a rebuild derives them from the day rows instead)."""
         acc, hll = self._expand()
+        self.written = hll
         out: list[Statement] = []
         if acc:
             out.append((_UPSERT_HITS, [(*k, v[0], v[1]) for k, v in acc.items()]))
@@ -297,14 +355,50 @@ class Accumulator:
         return out
 
 
+# Bumped by every rewrite of stored registers (see ``RegisterCache``).
+GENERATION_SQL = "SELECT value FROM rollup_state WHERE name = 'rewrites'"
+_BUMP_GENERATION = (
+    "INSERT INTO rollup_state (name, value) VALUES ('rewrites', 1) "
+    "ON CONFLICT (name) DO UPDATE SET value = rollup_state.value + 1"
+)
+
+
 class Rollups:
-    """The ``Aggregator`` for analyst rollups (registered in ``collector.aggregates``)."""
+    """The ``Aggregator`` for analyst rollups (registered in ``collector.aggregates``).
+
+    Called plainly it is a pure function of the batch. A storage that reads
+    ``generation_sql`` inside each batch transaction may call ``cached`` instead, which
+    leaves out registers a ``RegisterCache`` proves redundant (SQLite does).
+    """
+
+    generation_sql = GENERATION_SQL
+
+    def __init__(self) -> None:
+        self._cache = RegisterCache()
 
     def __call__(self, batch: Batch, dialect: Dialect) -> Iterable[Statement]:
         acc = Accumulator()
         for hit in batch.hits:
             acc.add(hit)
         return acc.statements()
+
+    def cached(
+        self, batch: Batch, dialect: Dialect, generation: int
+    ) -> tuple[list[Statement], Callable[[], None]]:
+        """Statements valid if ``generation`` is current when they run, and what to call
+        once their transaction committed."""
+        cache = self._cache
+        if cache.generation != generation:
+            cache.reset(generation)
+        acc = Accumulator(cache.known)
+        for hit in batch.hits:
+            acc.add(hit)
+        out = acc.statements()
+        written = acc.written
+        return out, lambda: cache.merge(written, generation)
+
+    def forget(self) -> None:
+        self._cache = RegisterCache()
 
 
 async def rebuild(tx: Transaction, from_ms: int, to_ms: int) -> None:
@@ -325,6 +419,7 @@ async def rebuild(tx: Transaction, from_ms: int, to_ms: int) -> None:
         start = floor
     if start >= end:
         return
+    await tx.execute(_BUMP_GENERATION)  # registers may go down: caches are void
     columns = ", ".join(HIT_COLUMNS)
     for day in range(start, end, DAY_MS):
         await _rebuild_day(tx, day, columns)
@@ -337,6 +432,7 @@ async def derive_months(tx: Transaction, from_ms: int, to_ms: int) -> None:
     A month row is by definition the merge of its day rows, so this is exact, and it
     works for months whose raw hits retention has already purged.
     """
+    await tx.execute(_BUMP_GENERATION)
     month = month_of(from_ms - from_ms % DAY_MS)
     while month < to_ms:
         nxt = next_month(month)

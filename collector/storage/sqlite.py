@@ -13,16 +13,16 @@ import contextlib
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import aiosqlite
 
 from collector.config import Settings
 from collector.errors import StorageError
-from collector.storage.base import HIT_COLUMNS, Aggregator, Batch, HitRow, Statement
+from collector.storage.base import HIT_COLUMNS, Aggregator, Batch, Dialect, HitRow, Statement
 from collector.storage.migrations import migrations
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,27 @@ def create_private_file(path: Path) -> None:
     os.close(fd)
 
 
+@runtime_checkable
+class CachingAggregator(Protocol):
+    """An aggregator that may leave out statements a process-local cache proves redundant.
+
+    The cache is only as good as the database it describes: ``generation_sql`` reads a
+    counter that every rewrite of the aggregate bumps (in any process), and the storage
+    reads it inside each batch transaction. ``cached(batch, dialect, generation)``
+    returns statements valid while ``generation`` is current, and a callable to run once
+    they committed (to teach the cache what they wrote).
+    """
+
+    generation_sql: str
+
+    def cached(
+        self, batch: Batch, dialect: Dialect, generation: int
+    ) -> tuple[list[Statement], Callable[[], None]]: ...
+
+    def forget(self) -> None:
+        """Empty the cache (the storage opened a database it may not describe)."""
+
+
 def hit_inserts(hits: Sequence[HitRow]) -> list[Statement]:
     """The inserts for a batch's hits: pixel hits through the narrow statement."""
     if not hits:
@@ -96,6 +117,9 @@ class SQLiteStorage:
         # join, or roll back with, a hit batch; a lock keeps their transactions whole.
         self._admin: aiosqlite.Connection | None = None
         self._admin_lock = asyncio.Lock()
+        self._caching = [a for a in self.aggregators if isinstance(a, CachingAggregator)]
+        # The rewrite generation each caching aggregator's cache was last checked against.
+        self._generations: dict[str, int] = {}
 
     async def _connect(self, *, readonly: bool) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
@@ -123,6 +147,9 @@ class SQLiteStorage:
             create_private_file(self.path)
             self._write = await self._connect(readonly=False)
             await self._migrate(self._write)
+            for aggregate in self._caching:
+                aggregate.forget()
+            self._generations = await self._read_generations(self._write)
             self._read = await self._connect(readonly=True)
             self._read.row_factory = sqlite3.Row
             self._admin = await self._connect(readonly=False)
@@ -180,30 +207,55 @@ class SQLiteStorage:
             raise StorageError("storage is not open")
         return self._read
 
-    def _statements(self, batch: Batch) -> list[Statement]:
+    def _statements(
+        self, batch: Batch, generations: dict[str, int]
+    ) -> tuple[list[Statement], list[Callable[[], None]]]:
         out = hit_inserts(batch.hits)
         if batch.pixel_counts:
             out.append((_UPSERT_COUNT, [(*key, n) for key, n in batch.pixel_counts.items()]))
-        out += [
-            (sql, params)
-            for aggregate in self.aggregators
-            for sql, params in aggregate(batch, "sqlite")
-            if params
-        ]
-        return out
+        committed: list[Callable[[], None]] = []
+        for aggregate in self.aggregators:
+            if isinstance(aggregate, CachingAggregator):
+                found, done = aggregate.cached(
+                    batch, "sqlite", generations.get(aggregate.generation_sql, -1)
+                )
+                committed.append(done)
+            else:
+                found = list(aggregate(batch, "sqlite"))
+            out += [(sql, params) for sql, params in found if params]
+        return out, committed
+
+    async def _read_generations(self, conn: aiosqlite.Connection) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for sql in {a.generation_sql for a in self._caching}:
+            async with conn.execute(sql) as cur:
+                row = await cur.fetchone()
+            found[sql] = int(row[0]) if row else 0
+        return found
 
     async def write_batch(self, batch: Batch) -> None:
         conn = self.writer
-        # Pre-aggregating a batch is ~15 us of Python per hit; in a worker thread the GIL
-        # switch interval lets the event loop answer pixels meanwhile (p99), where running
-        # it inline stalled the loop for the whole batch.
+        # Pre-aggregating a batch is several us of Python per hit; in a worker thread the
+        # GIL switch interval lets the event loop answer pixels meanwhile (p99), where
+        # running it inline stalled the loop for the whole batch.
+        assumed = self._generations
         if self.aggregators:
-            statements = await asyncio.to_thread(self._statements, batch)
+            statements, committed = await asyncio.to_thread(self._statements, batch, assumed)
         else:
-            statements = self._statements(batch)
+            statements, committed = self._statements(batch, assumed)
         try:
             await conn.execute("BEGIN IMMEDIATE")
             try:
+                if self._caching:
+                    current = await self._read_generations(conn)
+                    if current != assumed:
+                        # Another connection or process rewrote aggregates since the
+                        # caches were last checked: prepare again under the new
+                        # generation (the caches start empty).
+                        self._generations = assumed = current
+                        statements, committed = await asyncio.to_thread(
+                            self._statements, batch, current
+                        )
                 for sql, params in statements:
                     await conn.executemany(sql, params)
                 await conn.execute("COMMIT")
@@ -213,6 +265,8 @@ class SQLiteStorage:
                 raise
         except sqlite3.Error as exc:
             raise StorageError(f"writing {len(batch)} hits failed: {exc}") from exc
+        for done in committed:
+            done()
 
     async def ping(self) -> bool:
         try:
