@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
+from collector import rewrites
 from collector.enrich import referrer_domain
 from collector.storage.base import HIT_COLUMNS, Batch, Dialect, HitRow, Statement, Transaction
 from collector.visibility import VISIBLE
@@ -203,10 +204,10 @@ class RegisterCache:
     An upsert of a register can only raise it (``MAX``), so a batch may leave out every
     register whose stored value is already >= its own: on a store where most visitors
     return, that is nearly all of them. Valid only while no rewrite lowered stored
-    registers: ``rebuild`` and ``derive_months`` bump the ``rewrites`` counter in
-    ``rollup_state`` in their own transaction, the batch writer reads it inside each
-    batch transaction, and on any change it empties the cache and prepares the batch
-    again without it (``SQLiteStorage.write_batch``). Entries are only added after the
+    registers: ``rebuild`` and ``derive_months`` bump the rewrite generation
+    (``collector.rewrites``) in their own transaction, the batch writer reads it inside
+    each batch transaction, and on any change it empties the cache and prepares the
+    batch again without it (``SQLiteStorage.write_batch``). Entries are only added after the
     batch that wrote them committed, under the generation it read.
 
     Month rows need no entries of their own: a month register is the maximum of its day
@@ -355,14 +356,6 @@ class Accumulator:
         return out
 
 
-# Bumped by every rewrite of stored registers (see ``RegisterCache``).
-GENERATION_SQL = "SELECT value FROM rollup_state WHERE name = 'rewrites'"
-_BUMP_GENERATION = (
-    "INSERT INTO rollup_state (name, value) VALUES ('rewrites', 1) "
-    "ON CONFLICT (name) DO UPDATE SET value = rollup_state.value + 1"
-)
-
-
 class Rollups:
     """The ``Aggregator`` for analyst rollups (registered in ``collector.aggregates``).
 
@@ -371,7 +364,7 @@ class Rollups:
     leaves out registers a ``RegisterCache`` proves redundant (SQLite does).
     """
 
-    generation_sql = GENERATION_SQL
+    generation_sql = rewrites.GENERATION_SQL
 
     def __init__(self) -> None:
         self._cache = RegisterCache()
@@ -419,7 +412,7 @@ async def rebuild(tx: Transaction, from_ms: int, to_ms: int) -> None:
         start = floor
     if start >= end:
         return
-    await tx.execute(_BUMP_GENERATION)  # registers may go down: caches are void
+    await rewrites.bump(tx)  # registers may go down: caches are void
     columns = ", ".join(HIT_COLUMNS)
     for day in range(start, end, DAY_MS):
         await _rebuild_day(tx, day, columns)
@@ -432,7 +425,7 @@ async def derive_months(tx: Transaction, from_ms: int, to_ms: int) -> None:
     A month row is by definition the merge of its day rows, so this is exact, and it
     works for months whose raw hits retention has already purged.
     """
-    await tx.execute(_BUMP_GENERATION)
+    await rewrites.bump(tx)
     month = month_of(from_ms - from_ms % DAY_MS)
     while month < to_ms:
         nxt = next_month(month)
