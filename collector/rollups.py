@@ -198,6 +198,24 @@ def _values(hit: HitRow) -> tuple[str, ...]:
     )
 
 
+# Visitor id -> (vbit, register, rho), a pure function memoised across batches: most
+# visitors return, and a keyed BLAKE2b per visitor and batch was ~0.8 us per hit. A
+# plain dict read inline is ~0.25 us a hit cheaper than an lru_cache call.
+_BITS: dict[str, tuple[int, int, int]] = {}
+_BITS_LIMIT = 65_536
+
+
+def _visitor_bits(visitor_id: str) -> tuple[int, int, int]:
+    found = _BITS.get(visitor_id)
+    if found is None:
+        h = visitor_hash(visitor_id)
+        reg, rho = hll_register(h)
+        if len(_BITS) >= _BITS_LIMIT:
+            _BITS.clear()
+        found = _BITS[visitor_id] = (vbit(h), reg, rho)
+    return found
+
+
 class RegisterCache:
     """HyperLogLog registers this process knows to be stored at least this high.
 
@@ -254,40 +272,38 @@ class Accumulator:
         self._cells: dict[tuple[int, tuple[str, ...]], list[int]] = {}
         self._visits: set[tuple[int, str, tuple[str, ...]]] = set()
         self._pages: dict[tuple[int, str], list[int]] = {}
-        self._hashes: dict[str, tuple[int, int, int]] = {}
         self._known = known or {}
         self.written: dict[HllKey, int] = {}
 
-    def _visitor(self, visitor_id: str) -> tuple[int, int, int]:
-        found = self._hashes.get(visitor_id)
-        if found is None:
-            h = visitor_hash(visitor_id)
-            reg, rho = hll_register(h)
-            found = self._hashes[visitor_id] = (vbit(h), reg, rho)
-        return found
-
     def add(self, hit: HitRow) -> None:
-        ts = hit.ts_ms
-        vid = hit.visitor_id
-        bit = self._visitor(vid)[0]
-        values = _values(hit)
-        hour = ts - ts % HOUR_MS
-        key = (hour, values)
-        cell = self._cells.get(key)
-        if cell is None:
-            self._cells[key] = [1, bit]
-        else:
-            cell[0] += 1
-            cell[1] |= bit
-        day = ts - ts % DAY_MS
-        self._visits.add((day, vid, values))
-        page_key = (day, _cached_page(hit.page_url))
-        cell = self._pages.get(page_key)
-        if cell is None:
-            self._pages[page_key] = [1, bit]
-        else:
-            cell[0] += 1
-            cell[1] |= bit
+        self.add_all((hit,))
+
+    def add_all(self, hits: Iterable[HitRow]) -> None:
+        # One loop with everything bound to locals: this runs for every hit (~30% less
+        # than a method call per hit with attribute lookups).
+        cells, visits, pages = self._cells, self._visits, self._pages
+        known_bits, values_of, page_of = _BITS.get, _values, _cached_page
+        for hit in hits:
+            ts = hit.ts_ms
+            vid = hit.visitor_id
+            bit = (known_bits(vid) or _visitor_bits(vid))[0]
+            values = values_of(hit)
+            key = (ts - ts % HOUR_MS, values)
+            cell = cells.get(key)
+            if cell is None:
+                cells[key] = [1, bit]
+            else:
+                cell[0] += 1
+                cell[1] |= bit
+            day = ts - ts % DAY_MS
+            visits.add((day, vid, values))
+            page_key = (day, page_of(hit.page_url))
+            cell = pages.get(page_key)
+            if cell is None:
+                pages[page_key] = [1, bit]
+            else:
+                cell[0] += 1
+                cell[1] |= bit
 
     def _expand(
         self,
@@ -315,7 +331,7 @@ class Accumulator:
                 bump((fdim, values[fi], dim, "day", day, values[di]), n, bits)
         known = self._known
         for day, vid, values in self._visits:
-            _, reg, rho = self._hashes[vid]
+            _, reg, rho = _visitor_bits(vid)
             for i, dim in _SKETCHED_INDEX:
                 hkey = (dim, values[i], day, reg)
                 if known.get(hkey, 0) < rho and hll.get(hkey, 0) < rho:
@@ -371,8 +387,7 @@ class Rollups:
 
     def __call__(self, batch: Batch, dialect: Dialect) -> Iterable[Statement]:
         acc = Accumulator()
-        for hit in batch.hits:
-            acc.add(hit)
+        acc.add_all(batch.hits)
         return acc.statements()
 
     def cached(
@@ -384,8 +399,7 @@ class Rollups:
         if cache.generation != generation:
             cache.reset(generation)
         acc = Accumulator(cache.known)
-        for hit in batch.hits:
-            acc.add(hit)
+        acc.add_all(batch.hits)
         out = acc.statements()
         written = acc.written
         return out, lambda: cache.merge(written, generation)
@@ -485,8 +499,7 @@ async def _rebuild_day(tx: Transaction, day: int, columns: str) -> None:
         [day, nxt],
     )
     acc = Accumulator()
-    for row in rows:
-        acc.add(_hit_row(row))
+    acc.add_all(map(_hit_row, rows))
     # month rows are derived afterwards from the day rows, once per month
     for sql, batch_rows in acc.statements(months=False):
         await tx.executemany(sql, batch_rows)
