@@ -40,7 +40,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
-from typing import NamedTuple
+from operator import attrgetter
+from typing import Any, NamedTuple
 
 from collector import rewrites
 from collector.config import Settings
@@ -151,6 +152,10 @@ def _fact(row: HitRow) -> Fact:
     )
 
 
+# The same fields as a plain tuple, in C (the writer's path: ~0.4 us a hit less).
+_fact_fields = attrgetter(*Fact._fields)
+
+
 Combo = tuple[str, str, str, str, str, str]
 
 
@@ -166,7 +171,7 @@ def statements(facts: Iterable[Fact]) -> list[Statement]:
 
 
 def _statements(
-    facts: Iterable[Fact], known: set[Combo] | frozenset[Combo]
+    facts: Iterable[tuple[Any, ...]], known: set[Combo] | frozenset[Combo]
 ) -> tuple[list[Statement], set[Combo]]:
     """``statements``, leaving out value rows in ``known``; also the combinations kept."""
     days: dict[int, str] = {}
@@ -273,7 +278,7 @@ class IpStatsAggregator:
         if generation != self._generation:
             self._generation, self._known = generation, set()
         known = self._known
-        found, written = _statements(map(_fact, batch.hits), known)
+        found, written = _statements(map(_fact_fields, batch.hits), known)
 
         def committed() -> None:
             if generation != self._generation or known is not self._known:

@@ -104,6 +104,7 @@ _UPSERT_HLL_MONTH = (
 )
 
 HitsKey = tuple[str, str, str, str, int, str]
+Visit = tuple[int, str, tuple[str, ...]]  # (day, visitor id, fixed-dimension values)
 HllKey = tuple[str, str, int, int]
 MonthKey = tuple[str, int, str]
 
@@ -238,20 +239,30 @@ class RegisterCache:
     def __init__(self) -> None:
         self.generation: int | None = None
         self.known: dict[HllKey, int] = {}
+        # (day, visitor id, values) whose every register is known: one set lookup
+        # instead of one dict lookup per sketched dimension.
+        self.visits: set[Visit] = set()
 
     def reset(self, generation: int) -> None:
         self.generation = generation
         self.known = {}
+        self.visits = set()
 
-    def merge(self, written: dict[HllKey, int], generation: int) -> None:
+    def merge(self, written: dict[HllKey, int], visits: set[Visit], generation: int) -> None:
+        """After a commit: ``written`` registers are stored at least this high, and so
+        every register of ``visits`` (written now or known before)."""
         if generation != self.generation:
             return  # written under an older generation: proves nothing now
         known = self.known
         if len(known) + len(written) > self._LIMIT:
             known.clear()
+            self.visits = set()
         for key, rho in written.items():
             if known.get(key, 0) < rho:
                 known[key] = rho
+        if len(self.visits) + len(visits) > self._LIMIT:
+            self.visits = set()
+        self.visits |= visits
 
 
 class Accumulator:
@@ -264,16 +275,25 @@ class Accumulator:
     realistic hits has ~330 combinations against ~1,650 (hour, visitor, values)
     signatures, which is what it expanded before (docs/PERFORMANCE.md, issue 8).
 
-    ``known`` (a ``RegisterCache``'s entries) leaves out registers already stored at
-    least as high; ``written`` holds the day registers the statements raise.
+    ``known`` and ``visits`` (a ``RegisterCache``'s entries) leave out registers already
+    stored at least as high; ``written`` holds the day registers the statements raise.
     """
 
-    def __init__(self, known: dict[HllKey, int] | None = None) -> None:
+    def __init__(
+        self, known: dict[HllKey, int] | None = None, visits: set[Visit] | None = None
+    ) -> None:
         self._cells: dict[tuple[int, tuple[str, ...]], list[int]] = {}
-        self._visits: set[tuple[int, str, tuple[str, ...]]] = set()
+        self._visits: set[Visit] = set()
+        self._known_visits = visits or set()
         self._pages: dict[tuple[int, str], list[int]] = {}
         self._known = known or {}
         self.written: dict[HllKey, int] = {}
+
+    @property
+    def visits(self) -> set[Visit]:
+        """The (day, visitor, values) seen; all their registers are stored once the
+        statements committed."""
+        return self._visits
 
     def add(self, hit: HitRow) -> None:
         self.add_all((hit,))
@@ -329,8 +349,11 @@ class Accumulator:
                 bump(("", "", dim, "hour", hour, values[i]), n, bits)
             for fi, di, fdim, dim in _CROSS:
                 bump((fdim, values[fi], dim, "day", day, values[di]), n, bits)
-        known = self._known
-        for day, vid, values in self._visits:
+        known, known_visits = self._known, self._known_visits
+        for visit in self._visits:
+            if visit in known_visits:
+                continue
+            day, vid, values = visit
             _, reg, rho = _visitor_bits(vid)
             for i, dim in _SKETCHED_INDEX:
                 hkey = (dim, values[i], day, reg)
@@ -398,11 +421,11 @@ class Rollups:
         cache = self._cache
         if cache.generation != generation:
             cache.reset(generation)
-        acc = Accumulator(cache.known)
+        acc = Accumulator(cache.known, cache.visits)
         acc.add_all(batch.hits)
         out = acc.statements()
-        written = acc.written
-        return out, lambda: cache.merge(written, generation)
+        written, visits = acc.written, acc.visits
+        return out, lambda: cache.merge(written, visits, generation)
 
     def forget(self) -> None:
         self._cache = RegisterCache()
