@@ -259,7 +259,7 @@ class IpStatsAggregator:
     """
 
     generation_sql = rewrites.GENERATION_SQL
-    _LIMIT = 200_000  # known value rows; ~40 MB at most, dropping them costs re-sending
+    _LIMIT = 8192  # known value rows, ~2.5 MB (RSS budget); emptying costs re-sending
 
     def __init__(self, settings: Settings) -> None:
         self.keep_days = settings.ipstats.without_consent_days

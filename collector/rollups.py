@@ -203,7 +203,7 @@ def _values(hit: HitRow) -> tuple[str, ...]:
 # visitors return, and a keyed BLAKE2b per visitor and batch was ~0.8 us per hit. A
 # plain dict read inline is ~0.25 us a hit cheaper than an lru_cache call.
 _BITS: dict[str, tuple[int, int, int]] = {}
-_BITS_LIMIT = 65_536
+_BITS_LIMIT = 8192  # ~2 MB (the process's RSS budget is tight: docs/PERFORMANCE.md)
 
 
 def _visitor_bits(visitor_id: str) -> tuple[int, int, int]:
@@ -234,7 +234,12 @@ class RegisterCache:
     register known high enough proves its month register is too.
     """
 
-    _LIMIT = 200_000  # ~30 MB; dropping it only costs re-sending registers
+    # Sizes keep the caches to ~6 MB: the writer's process has an RSS budget (200 MB
+    # over a million hits, soak test). Emptying a full cache only costs re-sending.
+    # 16k registers hold a day's sketches of ~35 dimension values; 8k visits roughly
+    # the returning visitors of the last few batches.
+    _LIMIT = 16_384
+    _VISITS_LIMIT = 8192
 
     def __init__(self) -> None:
         self.generation: int | None = None
@@ -260,7 +265,7 @@ class RegisterCache:
         for key, rho in written.items():
             if known.get(key, 0) < rho:
                 known[key] = rho
-        if len(self.visits) + len(visits) > self._LIMIT:
+        if len(self.visits) + len(visits) > self._VISITS_LIMIT:
             self.visits = set()
         self.visits |= visits
 
