@@ -234,11 +234,11 @@ class RegisterCache:
     register known high enough proves its month register is too.
     """
 
-    # Sizes keep the caches to ~6 MB: the writer's process has an RSS budget (200 MB
+    # Sizes keep the caches to a few MB: the writer's process has an RSS budget (200 MB
     # over a million hits, soak test). Emptying a full cache only costs re-sending.
-    # 16k registers hold a day's sketches of ~35 dimension values; 8k visits roughly
-    # the returning visitors of the last few batches.
-    _LIMIT = 16_384
+    # 32k registers hold a day's sketches on the bench mix (18k rows; 16k thrashed and
+    # cost 3%); 8k visits roughly the returning visitors of the last few batches.
+    _LIMIT = 32_768
     _VISITS_LIMIT = 8192
 
     def __init__(self) -> None:
