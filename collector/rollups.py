@@ -41,10 +41,11 @@ import datetime as dt
 import functools
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
+from collector import rewrites
 from collector.enrich import referrer_domain
 from collector.storage.base import HIT_COLUMNS, Batch, Dialect, HitRow, Statement, Transaction
 from collector.visibility import VISIBLE
@@ -103,6 +104,7 @@ _UPSERT_HLL_MONTH = (
 )
 
 HitsKey = tuple[str, str, str, str, int, str]
+Visit = tuple[int, str, tuple[str, ...]]  # (day, visitor id, fixed-dimension values)
 HllKey = tuple[str, str, int, int]
 MonthKey = tuple[str, int, str]
 
@@ -197,41 +199,136 @@ def _values(hit: HitRow) -> tuple[str, ...]:
     )
 
 
+# Visitor id -> (vbit, register, rho), a pure function memoised across batches: most
+# visitors return, and a keyed BLAKE2b per visitor and batch was ~0.8 us per hit. A
+# plain dict read inline is ~0.25 us a hit cheaper than an lru_cache call.
+_BITS: dict[str, tuple[int, int, int]] = {}
+_BITS_LIMIT = 8192  # ~2 MB (the process's RSS budget is tight: docs/PERFORMANCE.md)
+
+
+def _visitor_bits(visitor_id: str) -> tuple[int, int, int]:
+    found = _BITS.get(visitor_id)
+    if found is None:
+        h = visitor_hash(visitor_id)
+        reg, rho = hll_register(h)
+        if len(_BITS) >= _BITS_LIMIT:
+            _BITS.clear()
+        found = _BITS[visitor_id] = (vbit(h), reg, rho)
+    return found
+
+
+class RegisterCache:
+    """HyperLogLog registers this process knows to be stored at least this high.
+
+    An upsert of a register can only raise it (``MAX``), so a batch may leave out every
+    register whose stored value is already >= its own: on a store where most visitors
+    return, that is nearly all of them. Valid only while no rewrite lowered stored
+    registers: ``rebuild`` and ``derive_months`` bump the rewrite generation
+    (``collector.rewrites``) in their own transaction, the batch writer reads it inside
+    each batch transaction, and on any change it empties the cache and prepares the
+    batch again without it (``SQLiteStorage.write_batch``). Entries are only added after the
+    batch that wrote them committed, under the generation it read.
+
+    Month rows need no entries of their own: a month register is the maximum of its day
+    registers on every path (written beside them, or derived from them), so a day
+    register known high enough proves its month register is too.
+    """
+
+    # Sizes keep the caches to a few MB: the writer's process has an RSS budget (200 MB
+    # over a million hits, soak test). Emptying a full cache only costs re-sending.
+    # 32k registers hold a day's sketches on the bench mix (18k rows; 16k thrashed and
+    # cost 3%); 8k visits roughly the returning visitors of the last few batches.
+    _LIMIT = 32_768
+    _VISITS_LIMIT = 8192
+
+    def __init__(self) -> None:
+        self.generation: int | None = None
+        self.known: dict[HllKey, int] = {}
+        # (day, visitor id, values) whose every register is known: one set lookup
+        # instead of one dict lookup per sketched dimension.
+        self.visits: set[Visit] = set()
+
+    def reset(self, generation: int) -> None:
+        self.generation = generation
+        self.known = {}
+        self.visits = set()
+
+    def merge(self, written: dict[HllKey, int], visits: set[Visit], generation: int) -> None:
+        """After a commit: ``written`` registers are stored at least this high, and so
+        every register of ``visits`` (written now or known before)."""
+        if generation != self.generation:
+            return  # written under an older generation: proves nothing now
+        known = self.known
+        if len(known) + len(written) > self._LIMIT:
+            known.clear()
+            self.visits = set()
+        for key, rho in written.items():
+            if known.get(key, 0) < rho:
+                known[key] = rho
+        if len(self.visits) + len(visits) > self._VISITS_LIMIT:
+            self.visits = set()
+        self.visits |= visits
+
+
 class Accumulator:
     """Pre-aggregates hits in Python: one entry per distinct rollup key.
 
-    Per hit it only counts a signature (hour, visitor, values of the fixed dimensions)
-    and the page; the signatures are expanded into rollup keys once each in
-    ``statements``, and month rows are derived from day rows there too. A visitor's hits
-    within a batch mostly share one signature, so the expansion -- ~50 keys -- runs once
-    per visitor rather than once per hit (it was ~24 us a hit when it ran per hit).
+    Per hit it only counts the hour's combination of fixed-dimension values (hits and
+    visitor bits), the page, and the (day, visitor, values) it saw for the sketches.
+    Combinations are expanded into rollup keys -- ~40 each -- once per batch in
+    ``statements``, and month rows are derived from day rows there too. A batch of 2,000
+    realistic hits has ~330 combinations against ~1,650 (hour, visitor, values)
+    signatures, which is what it expanded before (docs/PERFORMANCE.md, issue 8).
+
+    ``known`` and ``visits`` (a ``RegisterCache``'s entries) leave out registers already
+    stored at least as high; ``written`` holds the day registers the statements raise.
     """
 
-    def __init__(self) -> None:
-        self._sigs: dict[tuple[int, str, tuple[str, ...]], int] = {}
+    def __init__(
+        self, known: dict[HllKey, int] | None = None, visits: set[Visit] | None = None
+    ) -> None:
+        self._cells: dict[tuple[int, tuple[str, ...]], list[int]] = {}
+        self._visits: set[Visit] = set()
+        self._known_visits = visits or set()
         self._pages: dict[tuple[int, str], list[int]] = {}
-        self._hashes: dict[str, tuple[int, int, int]] = {}
+        self._known = known or {}
+        self.written: dict[HllKey, int] = {}
 
-    def _visitor(self, visitor_id: str) -> tuple[int, int, int]:
-        found = self._hashes.get(visitor_id)
-        if found is None:
-            h = visitor_hash(visitor_id)
-            reg, rho = hll_register(h)
-            found = self._hashes[visitor_id] = (vbit(h), reg, rho)
-        return found
+    @property
+    def visits(self) -> set[Visit]:
+        """The (day, visitor, values) seen; all their registers are stored once the
+        statements committed."""
+        return self._visits
 
     def add(self, hit: HitRow) -> None:
-        ts = hit.ts_ms
-        vid = hit.visitor_id
-        key = (ts - ts % HOUR_MS, vid, _values(hit))
-        sigs = self._sigs
-        sigs[key] = sigs.get(key, 0) + 1
-        page_key = (ts - ts % DAY_MS, _cached_page(hit.page_url))
-        cell = self._pages.get(page_key)
-        if cell is None:
-            cell = self._pages[page_key] = [0, 0]
-        cell[0] += 1
-        cell[1] |= self._visitor(vid)[0]
+        self.add_all((hit,))
+
+    def add_all(self, hits: Iterable[HitRow]) -> None:
+        # One loop with everything bound to locals: this runs for every hit (~30% less
+        # than a method call per hit with attribute lookups).
+        cells, visits, pages = self._cells, self._visits, self._pages
+        known_bits, values_of, page_of = _BITS.get, _values, _cached_page
+        for hit in hits:
+            ts = hit.ts_ms
+            vid = hit.visitor_id
+            bit = (known_bits(vid) or _visitor_bits(vid))[0]
+            values = values_of(hit)
+            key = (ts - ts % HOUR_MS, values)
+            cell = cells.get(key)
+            if cell is None:
+                cells[key] = [1, bit]
+            else:
+                cell[0] += 1
+                cell[1] |= bit
+            day = ts - ts % DAY_MS
+            visits.add((day, vid, values))
+            page_key = (day, page_of(hit.page_url))
+            cell = pages.get(page_key)
+            if cell is None:
+                pages[page_key] = [1, bit]
+            else:
+                cell[0] += 1
+                cell[1] |= bit
 
     def _expand(
         self,
@@ -249,25 +346,31 @@ class Accumulator:
 
         for (day, page), (n, bits) in self._pages.items():
             bump(("", "", "page", "day", day, page), n, bits)
-        for (hour, vid, values), n in self._sigs.items():
-            bit, reg, rho = self._visitor(vid)
+        for (hour, values), (n, bits) in self._cells.items():
             day = hour - hour % DAY_MS
             for i, dim in enumerate(_FIXED_DIMS):
-                bump(("", "", dim, "day", day, values[i]), n, bit)
+                bump(("", "", dim, "day", day, values[i]), n, bits)
             for i, dim in _HOURLY_INDEX:
-                bump(("", "", dim, "hour", hour, values[i]), n, bit)
+                bump(("", "", dim, "hour", hour, values[i]), n, bits)
+            for fi, di, fdim, dim in _CROSS:
+                bump((fdim, values[fi], dim, "day", day, values[di]), n, bits)
+        known, known_visits = self._known, self._known_visits
+        for visit in self._visits:
+            if visit in known_visits:
+                continue
+            day, vid, values = visit
+            _, reg, rho = _visitor_bits(vid)
             for i, dim in _SKETCHED_INDEX:
                 hkey = (dim, values[i], day, reg)
-                if hll.get(hkey, 0) < rho:
+                if known.get(hkey, 0) < rho and hll.get(hkey, 0) < rho:
                     hll[hkey] = rho
-            for fi, di, fdim, dim in _CROSS:
-                bump((fdim, values[fi], dim, "day", day, values[di]), n, bit)
         return acc, hll
 
     def statements(self, *, months: bool = True) -> list[Statement]:
         """Upserts for everything added; ``months=False`` leaves the month rows out
         (a rebuild derives them from the day rows instead)."""
         acc, hll = self._expand()
+        self.written = hll
         out: list[Statement] = []
         if acc:
             out.append((_UPSERT_HITS, [(*k, v[0], v[1]) for k, v in acc.items()]))
@@ -298,13 +401,39 @@ class Accumulator:
 
 
 class Rollups:
-    """The ``Aggregator`` for analyst rollups (registered in ``collector.aggregates``)."""
+    """The ``Aggregator`` for analyst rollups (registered in ``collector.aggregates``).
+
+    Called plainly it is a pure function of the batch. A storage that reads
+    ``generation_sql`` inside each batch transaction may call ``cached`` instead, which
+    leaves out registers a ``RegisterCache`` proves redundant (SQLite does).
+    """
+
+    generation_sql = rewrites.GENERATION_SQL
+
+    def __init__(self) -> None:
+        self._cache = RegisterCache()
 
     def __call__(self, batch: Batch, dialect: Dialect) -> Iterable[Statement]:
         acc = Accumulator()
-        for hit in batch.hits:
-            acc.add(hit)
+        acc.add_all(batch.hits)
         return acc.statements()
+
+    def cached(
+        self, batch: Batch, dialect: Dialect, generation: int
+    ) -> tuple[list[Statement], Callable[[], None]]:
+        """Statements valid if ``generation`` is current when they run, and what to call
+        once their transaction committed."""
+        cache = self._cache
+        if cache.generation != generation:
+            cache.reset(generation)
+        acc = Accumulator(cache.known, cache.visits)
+        acc.add_all(batch.hits)
+        out = acc.statements()
+        written, visits = acc.written, acc.visits
+        return out, lambda: cache.merge(written, visits, generation)
+
+    def forget(self) -> None:
+        self._cache = RegisterCache()
 
 
 async def rebuild(tx: Transaction, from_ms: int, to_ms: int) -> None:
@@ -325,6 +454,7 @@ async def rebuild(tx: Transaction, from_ms: int, to_ms: int) -> None:
         start = floor
     if start >= end:
         return
+    await rewrites.bump(tx)  # registers may go down: caches are void
     columns = ", ".join(HIT_COLUMNS)
     for day in range(start, end, DAY_MS):
         await _rebuild_day(tx, day, columns)
@@ -337,6 +467,7 @@ async def derive_months(tx: Transaction, from_ms: int, to_ms: int) -> None:
     A month row is by definition the merge of its day rows, so this is exact, and it
     works for months whose raw hits retention has already purged.
     """
+    await rewrites.bump(tx)
     month = month_of(from_ms - from_ms % DAY_MS)
     while month < to_ms:
         nxt = next_month(month)
@@ -396,8 +527,7 @@ async def _rebuild_day(tx: Transaction, day: int, columns: str) -> None:
         [day, nxt],
     )
     acc = Accumulator()
-    for row in rows:
-        acc.add(_hit_row(row))
+    acc.add_all(map(_hit_row, rows))
     # month rows are derived afterwards from the day rows, once per month
     for sql, batch_rows in acc.statements(months=False):
         await tx.executemany(sql, batch_rows)

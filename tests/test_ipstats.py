@@ -199,6 +199,37 @@ async def test_aggregates_equal_a_recomputation_from_raw_hits(app: CollectorApp)
     assert await snapshot(app) == kept
 
 
+def _visit(ts_ms: int, ip: str, visitor: str) -> HitRow:
+    return HitRow(
+        ts_ms, ip, visitor, "s", None, BROWSERS[0], "Mobile Safari", "16", "iOS", "16",
+        "iPhone", "Apple", "mobile", "https://s.kz/", None, None, "SE", None, None, "c", "1",
+        "web",
+    )  # fmt: skip
+
+
+async def test_value_cache_never_skips_a_row_a_rewrite_deleted(app: CollectorApp) -> None:
+    # The SQLite writer leaves out value rows it stored before. An erasure, a purge or a
+    # rebuild in another process deletes them; the next batch of the same visitors must
+    # store them again, or distinct visitors per IP would undercount.
+    now = int(time.time() * 1000)
+    hits = [_visit(now + i, NORMAL_IPS[i % 3], f"visitor-{i % 5}") for i in range(30)]
+    for _ in range(2):
+        await app.storage.write_batch(Batch(hits=hits))
+    before = await snapshot(app)
+    other = open_storage(app.settings)
+    await other.open()
+    try:
+        async with other.transaction() as tx:
+            await ipstats.erase_subject(tx, "visitor", "visitor-1")
+            await ipstats.erase_subject(tx, "ip", NORMAL_IPS[0])
+    finally:
+        await other.close()
+    assert len((await snapshot(app))["ipstat_values"]) < len(before["ipstat_values"])
+    await app.storage.write_batch(Batch(hits=hits))
+    after = await snapshot(app)
+    assert after["ipstat_values"] == before["ipstat_values"]
+
+
 async def test_rebuild_leaves_out_blocked_subjects_and_restores_them(app: CollectorApp) -> None:
     # Blocked subjects are kept out on write by the writer's filters (governance), not by
     # the aggregator; what was counted before a block is corrected by a rebuild.

@@ -30,6 +30,7 @@ from collector.rollups import (
     vbit,
     visitor_hash,
 )
+from collector.storage import open_storage
 from collector.storage.base import Batch, HitRow
 from collector.visibility import VISIBLE
 
@@ -185,6 +186,29 @@ async def test_rollups_equal_a_recomputation_from_raw_hits_after_random_batches(
     async with app.storage.transaction() as tx:
         await rebuild(tx, DAY0, DAY0 + 3 * DAY_MS)
     assert await stored_rollups(app) == stored
+
+
+async def test_register_cache_never_skips_a_register_a_rebuild_lowered(app: CollectorApp) -> None:
+    # The SQLite writer leaves out HyperLogLog registers it knows to be stored high
+    # enough. A rebuild in another process (here: another storage on the same database)
+    # lowers them; the next batch must notice and write them again, or the sketches
+    # would undercount the visitors from then on.
+    rnd = random.Random(11)
+    first = random_hits(rnd, 300)
+    await write(app, first)
+    await write(app, first)  # the cache now knows every register of these visitors
+    other = open_storage(app.settings)
+    await other.open()
+    try:
+        async with other.transaction() as tx:
+            await tx.execute("DELETE FROM hits")
+            await rebuild(tx, DAY0, DAY0 + 3 * DAY_MS)
+    finally:
+        await other.close()
+    assert await stored_rollups(app) == ({}, {}, {}, {})
+    again = random_hits(random.Random(11), 300)
+    await write(app, again, size=50)
+    assert await stored_rollups(app) == expected_rollups(again)
 
 
 async def test_blocking_removes_a_subject_from_rollups_and_unblocking_restores_it(

@@ -91,6 +91,36 @@ async def test_batch_is_all_or_nothing(backend_settings: Settings) -> None:
         await storage.close()
 
 
+async def test_pixel_and_app_hits_in_one_batch_keep_every_column(
+    backend_settings: Settings,
+) -> None:
+    # SQLite inserts pixel hits through a narrower statement: the app columns must still
+    # be NULL for them and exact for app events, whatever the mix of a batch.
+    pixel = [sample_row(ts_ms=t, ip=f"192.0.2.{t}") for t in (1, 3)]
+    app = [
+        sample_row(
+            ts_ms=t, source="app", event_id=f"e{t}", event_type="screen_view",
+            client_ts_ms=t - 1, received_ms=t + 1, time_flag="stale", app_version="2.1",
+            device_model="iPhone14,2",
+        )
+        for t in (2, 4)
+    ]  # fmt: skip
+    partial = sample_row(ts_ms=5, event_type="page_view")  # one app column set
+    storage = open_storage(backend_settings)
+    await storage.open()
+    try:
+        await storage.write_batch(Batch(hits=pixel))
+        await storage.write_batch(Batch(hits=[pixel[0], app[0], pixel[1], app[1], partial]))
+        cols = ", ".join(HitRow._fields)
+        stored = [
+            HitRow(**r)
+            for r in await storage.fetch_all(f"SELECT {cols} FROM hits ORDER BY ts_ms, id")
+        ]
+        assert stored == sorted([*pixel, *pixel, *app, partial], key=lambda h: h.ts_ms)
+    finally:
+        await storage.close()
+
+
 async def test_generic_access_is_portable(backend_settings: Settings) -> None:
     storage = open_storage(backend_settings)
     await storage.open()
@@ -137,3 +167,19 @@ async def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, storage={"path": str(tmp_path / "nope" / "c.db")})
     with pytest.raises(StorageError, match="does not exist"):
         await open_storage(settings).open()
+
+
+async def test_hits_keep_only_the_indexes_a_query_uses(sqlite_settings: Settings) -> None:
+    # Every index on hits costs each stored row (issue 8): time ranges (retention,
+    # rebuilds, breach report), IP (erasure, export, IP troubleshooting) and visitor id
+    # (erasure, export). Source is a rollup dimension and has no index.
+    storage = open_storage(sqlite_settings)
+    await storage.open()
+    try:
+        found = await storage.fetch_all(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'hits' "
+            "AND sql IS NOT NULL ORDER BY name"
+        )
+    finally:
+        await storage.close()
+    assert [r["name"] for r in found] == ["hits_ip", "hits_ts", "hits_visitor"]
