@@ -117,10 +117,22 @@ def _lua_string(text: str) -> str:
 
 
 def rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    found = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
-    assert found
-    return int(found[1]) / 1024
+    """Resident memory of ``pid`` and its children: the writer process counts too."""
+    total = 0
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            pids += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    for each in pids:
+        try:
+            status = Path(f"/proc/{each}/status").read_text()
+        except OSError:
+            continue
+        found = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+        total += int(found[1]) if found else 0
+    return total / 1024
 
 
 def processed(server: Server) -> tuple[int, int]:
@@ -155,7 +167,7 @@ def test_a_million_hits_keep_memory_flat_and_every_consented_one_stored(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    samples: list[tuple[int, float, int]] = []  # (hits processed, server RSS MB, queue depth)
+    samples: list[tuple[int, float, int]] = []  # (hits processed, RSS MB, queue depth)
     try:
         while True:
             time.sleep(1.0)
