@@ -56,8 +56,9 @@ class StorageSettings:
     # ~1.2 KB a hit: 20,000 bound the backlog to ~25 MB (about 2 s of a core's peak
     # traffic); the process's resident memory stays under 200 MB when overloaded.
     queue_size: int = 20_000
-    # How long a pixel request may wait for queue space before its hit is dropped.
-    queue_wait_ms: int = 50
+    # How long a pixel request may wait for queue space (back-pressure while the writer is
+    # behind) before its hit is dropped; while storage is failing it does not wait.
+    queue_wait_ms: int = 1000
     # SQLite under ``collector serve``: one separate process stores every worker's batches,
     # so SQLite's work leaves the cores that answer pixels (docs/PERFORMANCE.md).
     writer_process: bool = True

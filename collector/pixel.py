@@ -217,10 +217,11 @@ class Pixel:
             if self.ip_without_consent:  # 3.3.2 security counters, off by default
                 client = scope.get("client")
                 peer = client[0] if client else None
-                ip = self.client_ip.resolve(peer, xff, forwarded)
-                self.writer.put_nowait(AnonHit(ts_ms, page, state, ip, ua))
+                anon = AnonHit(ts_ms, page, state, self.client_ip.resolve(peer, xff, forwarded), ua)
             else:
-                self.writer.put_nowait(AnonHit(ts_ms, page, state))
+                anon = AnonHit(ts_ms, page, state)
+            if not self.writer.put_nowait(anon):
+                await self.writer.put(anon)  # waits for space, or drops and counts
             if self.vid_name in cookies or self.sid_name in cookies:
                 # No valid statistics consent: the visitor id must not live on (3.3, 5.1).
                 return {

@@ -207,13 +207,22 @@ class BatchWriter:
         return True
 
     async def put(self, item: Item) -> bool:
-        """Queue ``item``; when full, wait up to ``queue_wait_ms`` for space, then drop it."""
+        """Queue ``item``; when full, wait up to ``queue_wait_ms`` for space, then drop it.
+
+        Waiting is back-pressure: a writer that is merely behind slows the pixel's answers
+        (an invisible image arrives later) instead of losing hits. While storage is
+        failing the request does not wait: an outage must not pile up waiting requests.
+        """
         if self.put_nowait(item):
             return True
-        if self._space is not None and self.wait_s > 0:
+        deadline = time.monotonic() + self.wait_s
+        while self.healthy and self._space is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
             self._space.clear()
             try:
-                await asyncio.wait_for(self._space.wait(), self.wait_s)
+                await asyncio.wait_for(self._space.wait(), remaining)
             except TimeoutError:
                 pass
             if self.put_nowait(item):

@@ -213,7 +213,8 @@ async def test_full_disk_keeps_serving_turns_unhealthy_counts_drops_and_recovers
             "COLLECTOR_STORAGE_PATH": str(db),
             "COLLECTOR_STORAGE_FLUSH_INTERVAL_MS": "50",
             "COLLECTOR_STORAGE_QUEUE_SIZE": "300",
-            "COLLECTOR_STORAGE_QUEUE_WAIT_MS": "20",
+            # Back-pressure would hold requests 5 s; while storage fails they must not wait.
+            "COLLECTOR_STORAGE_QUEUE_WAIT_MS": "5000",
         }
     )
     page = "https://s.kz/" + "x" * 1500  # big rows: the WAL must grow to store them
@@ -234,6 +235,7 @@ async def test_full_disk_keeps_serving_turns_unhealthy_counts_drops_and_recovers
                 slowest = max(slowest, time.monotonic() - started)
                 assert all(a.status_code == 200 and a.content[:6] == b"GIF89a" for a in answers)
                 sent += len(answers)
+            assert slowest < 3.0  # shed at once, not held for queue_wait_ms
             health = await c.get("/healthz")
             assert health.status_code == 503
             assert health.json()["status"] == "unhealthy"

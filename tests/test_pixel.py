@@ -342,6 +342,32 @@ async def test_health_and_metrics_report_the_writer(
     assert "collector_batch_write_seconds_count" in text
 
 
+async def test_a_writer_that_is_behind_slows_the_pixel_instead_of_losing_hits(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        storage={
+            **backend_overrides(tmp_path, backend, request),
+            "queue_size": 2,
+            "queue_wait_ms": 5000,
+            "flush_interval_ms": 200,
+            "batch_size": 100,
+        },
+    )
+    app = create_app(settings)
+    async with app.lifespan(app.starlette), client_for(app) as client:
+        cookie = f"kdv_consent={consent_value(app, 1)}"
+        answers = await asyncio.gather(*(hit(client, cookie=cookie) for _ in range(8)))
+        for answer in answers:
+            assert_gif(answer)
+        await app.writer.flush()
+        text = (await client.get("/metrics")).text
+        # Nothing dropped: the requests waited for space.
+        assert 'collector_hits_dropped_total{reason="queue_full"} 0.0' in text
+        assert await values(app, "SELECT count(*) AS n FROM hits") == [(8,)]
+
+
 async def test_full_queue_drops_are_counted_not_raised(
     tmp_path: Path, backend: str, request: pytest.FixtureRequest
 ) -> None:
