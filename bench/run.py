@@ -573,7 +573,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     h = results["half_rate"]
     print(f"p99 at {h['rps']:.0f} req/s (half peak): {h['p99_ms']:.2f} ms")
-    print(f"rows == consented 200s: {results['exact']['equal']}")
+    print(f"rows == consented 200s: {results['exact']['equal']} (exact phase)")
+    bounded = all(
+        c["ok_consented"] <= c["rows"] <= c["sent_consented"] for c in results["load_checks"]
+    )
+    print(f"every wrk round's rows within its in-flight bounds: {bounded}")
     m = results["memory"]
     print(f"RSS over {m['hits_served']} hits: max {m['rss_max_mb']:.0f} MB")
     if "workers" in results:
