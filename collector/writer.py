@@ -272,6 +272,7 @@ class BatchWriter:
     async def _run(self) -> None:
         assert self._wake is not None
         wake = self._wake
+        backlog = False  # items were left behind by the last batch: no gathering pause
         while True:
             if not self._buf:
                 if self._stopping:
@@ -281,22 +282,23 @@ class BatchWriter:
                 except TimeoutError:
                     self._housekeep()
                     continue
-            if len(self._buf) < self.batch_size and not self._stopping:
+            if not backlog and len(self._buf) < self.batch_size and not self._stopping:
                 wake.clear()
                 try:
                     await asyncio.wait_for(wake.wait(), self.interval)
                 except TimeoutError:
                     pass
             wake.clear()
-            items, self._buf = self._buf, []
+            # One batch at a time out of the buffer (not the whole buffer): the queue then
+            # bounds what waits in memory to queue_size plus the batch being written.
+            items = self._buf[: self.batch_size]
+            del self._buf[: self.batch_size]
+            backlog = bool(self._buf)
             self._in_flight = len(items)
             if self._space is not None:
                 self._space.set()
             try:
-                for start in range(0, len(items), self.batch_size):
-                    chunk = items[start : start + self.batch_size]
-                    await self._store(chunk)
-                    self._in_flight -= len(chunk)
+                await self._store(items)
             finally:
                 self._in_flight = 0
             self._housekeep()
