@@ -342,20 +342,24 @@ async def test_health_and_metrics_report_the_writer(
     assert "collector_batch_write_seconds_count" in text
 
 
+def two_hit_queue(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest, wait_ms: int, flush_ms: int
+) -> CollectorApp:
+    """An app whose write queue holds two hits."""
+    storage = {
+        **backend_overrides(tmp_path, backend, request),
+        "queue_size": 2,
+        "queue_wait_ms": wait_ms,
+        "flush_interval_ms": flush_ms,
+        "batch_size": 100,
+    }
+    return create_app(make_settings(tmp_path, storage=storage))
+
+
 async def test_a_writer_that_is_behind_slows_the_pixel_instead_of_losing_hits(
     tmp_path: Path, backend: str, request: pytest.FixtureRequest
 ) -> None:
-    settings = make_settings(
-        tmp_path,
-        storage={
-            **backend_overrides(tmp_path, backend, request),
-            "queue_size": 2,
-            "queue_wait_ms": 5000,
-            "flush_interval_ms": 200,
-            "batch_size": 100,
-        },
-    )
-    app = create_app(settings)
+    app = two_hit_queue(tmp_path, backend, request, wait_ms=5000, flush_ms=200)
     async with app.lifespan(app.starlette), client_for(app) as client:
         cookie = f"kdv_consent={consent_value(app, 1)}"
         answers = await asyncio.gather(*(hit(client, cookie=cookie) for _ in range(8)))
@@ -371,17 +375,7 @@ async def test_a_writer_that_is_behind_slows_the_pixel_instead_of_losing_hits(
 async def test_full_queue_drops_are_counted_not_raised(
     tmp_path: Path, backend: str, request: pytest.FixtureRequest
 ) -> None:
-    settings = make_settings(
-        tmp_path,
-        storage={
-            **backend_overrides(tmp_path, backend, request),
-            "queue_size": 2,
-            "queue_wait_ms": 10,
-            "flush_interval_ms": 60_000,
-            "batch_size": 100,
-        },
-    )
-    app = create_app(settings)
+    app = two_hit_queue(tmp_path, backend, request, wait_ms=10, flush_ms=60_000)
     async with app.lifespan(app.starlette), client_for(app) as client:
         cookie = f"kdv_consent={consent_value(app, 1)}"
         for _ in range(5):
