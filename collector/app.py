@@ -86,7 +86,7 @@ class CollectorApp:
         self.writer.housekeeping.append(self._reload_geoip)
         self.pixel = Pixel(settings, self.codec, self.writer, self.metrics)
         self.audit = AuditLog(self.storage, settings.consent.secret)
-        self.governance = Governance(settings, self.storage, self.audit, self.writer, self.metrics)
+        self.governance = Governance(settings, self.storage, self.audit, self.writer)
         self.tokens = TokenStore(self.storage)
         self.guard = ApiGuard(
             self.tokens,

@@ -25,7 +25,6 @@ from collector.backup import DatabaseLock
 from collector.blocking import BlockList, Target
 from collector.config import Settings
 from collector.errors import CollectorError
-from collector.metrics import Metrics
 from collector.storage.base import Storage
 from collector.subjects import Subject
 from collector.writer import BatchWriter
@@ -40,7 +39,6 @@ class Governance:
         storage: Storage,
         audit: AuditLog,
         writer: BatchWriter,
-        metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.storage = storage

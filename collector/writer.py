@@ -161,7 +161,6 @@ class BatchWriter:
         shutdown_retry_s: float = 10.0,
         sink: Sink | None = None,
     ) -> None:
-        self.storage = storage
         if sink is None:
             if enricher is None:
                 raise ValueError("a BatchWriter without a sink needs an enricher")

@@ -261,14 +261,9 @@ class WriterProcess:
         self.ready_timeout_s = ready_timeout_s
         self.directory = Path(tempfile.mkdtemp(prefix="collector-writer-"))  # mode 0700
         self.socket_path = str(self.directory / "writer.sock")
-        self.restarts = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._stopping = False
         self._watcher: threading.Thread | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
 
     def start(self) -> str:
         """Start the process and wait until it serves; the socket path for the workers."""
@@ -300,7 +295,6 @@ class WriterProcess:
             if self._stopping:
                 return
             logger.error("writer process exited (code %s); starting a new one", code)
-            self.restarts += 1
             time.sleep(0.5)
             while not self._stopping:
                 try:
