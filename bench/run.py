@@ -160,7 +160,11 @@ def start_collector(
     server = Server(f"collector{tag}", argv, env, work, cpu)
     writer = server.writer_pid()
     if writer_cpu is not None and writer is not None:
-        os.sched_setaffinity(writer, {int(writer_cpu)})
+        # Every thread: affinity is per thread, and the writer's SQLite threads started
+        # (on uvicorn's CPU, inherited) before it answered. Pinning only the main thread
+        # left the SQLite work on the serving core (sessions 1-2 measured that by mistake).
+        for task in Path(f"/proc/{writer}/task").iterdir():
+            os.sched_setaffinity(int(task.name), {int(writer_cpu)})
     return server
 
 
@@ -341,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             # to measure a code change A/B in the same run.
             base_db = work / "baseline.db"
             base_env = {**collector_env(base_db), "PYTHONPATH": str(args.baseline.resolve())}
-            base = start_collector(work, base_env, tag="-baseline")
+            base = start_collector(work, base_env, tag="-baseline", writer_cpu=args.writer_cpu)
             servers.append(base)
             contenders.append(("baseline", base, base_db))
             wrk(base.url, data, 3, connections=args.connections)

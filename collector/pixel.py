@@ -80,25 +80,12 @@ class _IdSource:
         return self._hex[pos : pos + 32]
 
 
-@lru_cache(maxsize=4096)
-def _unquote_short(value: str) -> str:
-    return unquote_plus(value, errors="replace")
-
-
 def _unquote(value: str) -> str:
-    # Pages and referrers repeat across visitors; decoding is a pure function, so short
-    # values (nearly all of them) are memoised. Long ones are not, so that hostile input
-    # cannot grow the cache past ~4096 x 1 KB.
-    if len(value) <= 512:
-        return _unquote_short(value)
     return unquote_plus(value, errors="replace")
 
 
-def parse_pixel_query(qs: bytes) -> tuple[str, str, str]:
-    """``u``, ``r``, ``e`` from the query string (first occurrence wins), '' if absent."""
+def _parse_query(qs: bytes) -> tuple[str, str, str]:
     u = r = e = ""
-    if not qs:
-        return u, r, e
     for part in qs[: _MAX_PARAM * 3].decode("latin-1").split("&"):
         key, _, value = part.partition("=")
         if key == "u" and not u:
@@ -108,6 +95,22 @@ def parse_pixel_query(qs: bytes) -> tuple[str, str, str]:
         elif key == "e" and not e:
             e = _unquote(value[:512])
     return u, r, e
+
+
+# Each page's tag sends the same query string for every visitor and every view: parsing
+# is a pure function, so short strings (nearly all) are memoised whole, one dict lookup
+# instead of a split and two or three decodes (~1 us a request). Long ones are not, so
+# that hostile input cannot grow the cache past ~8192 x 2 KB.
+_parse_query_short = lru_cache(maxsize=8192)(_parse_query)
+
+
+def parse_pixel_query(qs: bytes) -> tuple[str, str, str]:
+    """``u``, ``r``, ``e`` from the query string (first occurrence wins), '' if absent."""
+    if not qs:
+        return "", "", ""
+    if len(qs) <= 1024:
+        return _parse_query_short(qs)
+    return _parse_query(qs)
 
 
 def parse_cookies(header: str, wanted: frozenset[str]) -> dict[str, str]:
@@ -242,7 +245,9 @@ class Pixel:
         # against a Global Privacy Control signal.
         if placement and (gpc or not consent.advertising):
             placement = ""
-        extra = tuple((n, cookies[n]) for n in self.allowlist if n in cookies)
+        extra = (
+            tuple((n, cookies[n]) for n in self.allowlist if n in cookies) if self.allowlist else ()
+        )
         hit = RawHit(
             ts_ms,
             ip,

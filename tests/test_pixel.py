@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
+import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -384,6 +388,65 @@ async def test_full_queue_drops_are_counted_not_raised(
         assert 'collector_hits_dropped_total{reason="queue_full"} 3.0' in text
         await app.writer.flush()
         assert await values(app, "SELECT count(*) AS n FROM hits") == [(2,)]
+
+
+@contextlib.contextmanager
+def write_locked(app: CollectorApp) -> Iterator[None]:
+    """Another connection holds SQLite's write lock: the writer's batch waits in flight
+    (within its 5 s busy timeout) until the block ends."""
+    conn = sqlite3.connect(db_of(app), isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        conn.execute("ROLLBACK")
+        conn.close()
+
+
+async def wait_in_flight(app: CollectorApp) -> None:
+    deadline = time.monotonic() + 2
+    while not app.writer._in_flight:
+        assert time.monotonic() < deadline, "the writer never took a batch"
+        await asyncio.sleep(0.005)
+
+
+async def test_a_writer_that_fell_behind_catches_up_in_batches_up_to_batch_max(
+    tmp_path: Path,
+) -> None:
+    storage = {"batch_size": 10, "batch_max": 100, "queue_size": 1000}
+    app = create_app(make_settings(tmp_path, storage={**storage, "flush_interval_ms": 60_000}))
+    async with app.lifespan(app.starlette), client_for(app) as client:
+        cookie = f"kdv_consent={consent_value(app, 1)}"
+        with write_locked(app):
+            for _ in range(250):
+                assert_gif(await hit(client, cookie=cookie))
+            await wait_in_flight(app)
+        await app.writer.flush()
+        assert await values(app, "SELECT count(*) AS n FROM hits") == [(250,)]
+        text = (await client.get("/metrics")).text
+    # The first batch (10 or a few more) waited for the lock; the 240-odd hits queued
+    # behind it are then stored 100 at a time, not in 24 transactions of 10.
+    batches = float(re.search(r"^collector_batch_write_seconds_count (\S+)$", text, re.M)[1])  # type: ignore[index]
+    assert 3 <= batches <= 4
+
+
+async def test_the_batch_being_written_counts_against_queue_size(tmp_path: Path) -> None:
+    storage = {"batch_size": 10, "batch_max": 20, "queue_size": 20, "queue_wait_ms": 0}
+    app = create_app(make_settings(tmp_path, storage={**storage, "flush_interval_ms": 60_000}))
+    async with app.lifespan(app.starlette), client_for(app) as client:
+        cookie = f"kdv_consent={consent_value(app, 1)}"
+        with write_locked(app):
+            for _ in range(10):
+                assert_gif(await hit(client, cookie=cookie))
+            await wait_in_flight(app)  # 10 hits in flight, waiting for the lock
+            for _ in range(20):
+                assert_gif(await hit(client, cookie=cookie))
+            # At most queue_size hits are held in memory, in the queue or in flight.
+            assert app.writer.depth() == 20
+        await app.writer.flush()
+        assert await values(app, "SELECT count(*) AS n FROM hits") == [(20,)]
+        text = (await client.get("/metrics")).text
+    assert 'collector_hits_dropped_total{reason="queue_full"} 10.0' in text
 
 
 async def test_a_hit_that_trips_an_enrichment_bug_is_dropped_not_the_writer(
