@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from collector.config import ServerSettings, Settings, load_settings, resolve_secret
+from collector.dimensions import DIMENSIONS
 from collector.errors import CollectorError, InputError
 
 if TYPE_CHECKING:
@@ -372,19 +373,7 @@ def ip_command(
 @click.option("--to", "date_to", help="Last day YYYY-MM-DD (default: today, UTC).")
 @click.option(
     "--by",
-    type=click.Choice(
-        [
-            "page",
-            "referrer",
-            "placement",
-            "browser",
-            "os",
-            "device_class",
-            "country",
-            "source",
-            "day",
-        ]
-    ),
+    type=click.Choice([*DIMENSIONS, "day"]),
     default="page",
     show_default=True,
     help="Dimension to rank, or 'day' for the daily series.",

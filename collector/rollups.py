@@ -46,6 +46,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from collector import rewrites
+from collector.dimensions import (
+    CROSS_DIMENSIONS,
+    CROSS_FILTERS,
+    HOURLY,
+    SKETCHED,
+)
 from collector.enrich import referrer_domain
 from collector.storage.base import HIT_COLUMNS, Batch, Dialect, HitRow, Statement, Transaction
 from collector.visibility import VISIBLE
@@ -54,26 +60,6 @@ logger = logging.getLogger(__name__)
 
 HOUR_MS = 3_600_000
 DAY_MS = 86_400_000
-DIMENSIONS: tuple[str, ...] = (
-    "page",
-    "referrer",
-    "placement",
-    "browser",
-    "os",
-    "device_class",
-    "country",
-    "source",
-)
-FILTERS: tuple[str, ...] = ("page", "placement", "country", "device_class", "source")
-# What is kept where. Measured on the 5M-hit benchmark (docs/PERFORMANCE.md), the full
-# cross product with page (thousands of paths) made the rollups larger than the hits
-# and writes 50x slower, so page and referrer take part only one-dimensionally.
-HOURLY: frozenset[str] = frozenset({"total", "placement", "country", "device_class", "source"})
-CROSS_FILTERS: tuple[str, ...] = ("placement", "country", "device_class", "source")
-CROSS_DIMENSIONS: tuple[str, ...] = tuple(d for d in DIMENSIONS if d != "page")
-SKETCHED: frozenset[str] = frozenset(
-    {"total", "placement", "browser", "os", "device_class", "country", "source"}
-)
 HLL_P = 9
 HLL_M = 1 << HLL_P
 _HLL_REST = 64 - HLL_P

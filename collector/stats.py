@@ -17,20 +17,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from collector.errors import InputError
-from collector.rollups import (
+from collector.dimensions import (
     CROSS_DIMENSIONS,
     CROSS_FILTERS,
-    DAY_MS,
     DIMENSIONS,
     FILTERS,
-    HLL_M,
-    HOUR_MS,
     HOURLY,
     SKETCHED,
-    month_of,
-    next_month,
 )
+from collector.errors import InputError
+from collector.rollups import DAY_MS, HLL_M, HOUR_MS, month_of, next_month
 from collector.storage.base import Storage
 
 __all__ = ["DIMENSIONS", "FILTERS", "Query", "breakdown", "consent", "parse_query"]
