@@ -24,7 +24,7 @@ from bench.mix import GEOIP, Mix, build_mix
 from collector.storage.base import RawHit
 
 
-async def _run(hits: int, work: Path) -> dict[str, float]:
+async def _run(hits: int, work: Path, batch_sizes: tuple[int, ...]) -> dict[str, float]:
     from collector.config import load_settings
     from collector.enrich import Enricher
     from collector.geo import GeoIP
@@ -104,27 +104,31 @@ async def _run(hits: int, work: Path) -> dict[str, float]:
         results["BatchWriter rows per CPU s"] = consented / cpu
         results["BatchWriter hits/s (incl. 30% anonymous)"] = hits / elapsed
 
-        # write_batch with rollups and IP statistics, returning visitors (bench/mix.py).
+        # write_batch with rollups and IP statistics, returning visitors (bench/mix.py), at
+        # the usual batch size and at storage.batch_max (what a writer that fell behind
+        # takes), each on a fresh file.
         from collector.aggregates import aggregators
 
-        path = work / "agg.db"
-        settings = dataclasses.replace(
-            settings, storage=dataclasses.replace(settings.storage, path=str(path))
-        )
-        agg = SQLiteStorage(settings, aggregators(settings))
-        await agg.open()
-        try:
-            rows = [enricher.row(x) for x in _visits(mix, consented, now)]
-            started, cpu = time.perf_counter(), time.process_time()
-            for i in range(0, len(rows), 2000):
-                await agg.write_batch(Batch(hits=rows[i : i + 2000]))
-            elapsed = time.perf_counter() - started
-            cpu = time.process_time() - cpu
-        finally:
-            await agg.close()
-        results["write path (rollups + IP statistics) hits/s"] = len(rows) / elapsed
-        results["write path hits per CPU s"] = len(rows) / cpu
-        results["write path CPU us per hit"] = 1e6 * cpu / len(rows)
+        rows = [enricher.row(x) for x in _visits(mix, consented, now)]
+        for size in batch_sizes:
+            path = work / f"agg-{size}.db"
+            settings = dataclasses.replace(
+                settings, storage=dataclasses.replace(settings.storage, path=str(path))
+            )
+            agg = SQLiteStorage(settings, aggregators(settings))
+            await agg.open()
+            try:
+                started, cpu = time.perf_counter(), time.process_time()
+                for i in range(0, len(rows), size):
+                    await agg.write_batch(Batch(hits=rows[i : i + size]))
+                elapsed = time.perf_counter() - started
+                cpu = time.process_time() - cpu
+            finally:
+                await agg.close()
+            tag = "" if size == 2000 else f" (batches of {size})"
+            results[f"write path (rollups + IP statistics) hits/s{tag}"] = len(rows) / elapsed
+            results[f"write path hits per CPU s{tag}"] = len(rows) / cpu
+            results[f"write path CPU us per hit{tag}"] = 1e6 * cpu / len(rows)
     finally:
         await storage.close()
         geoip.close()
@@ -170,9 +174,13 @@ def _visits(mix: Mix, n: int, start_ms: int) -> list[RawHit]:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--hits", type=int, default=200_000)
+    ap.add_argument(
+        "--batch-sizes", default="2000,8000", help="write-path batch sizes, comma-separated"
+    )
     args = ap.parse_args(argv)
+    sizes = tuple(int(x) for x in args.batch_sizes.split(","))
     with tempfile.TemporaryDirectory(prefix="collector-micro-") as tmp:
-        results = asyncio.run(_run(args.hits, Path(tmp)))
+        results = asyncio.run(_run(args.hits, Path(tmp), sizes))
     width = max(map(len, results))
     print(f"\n{'writer, ' + str(args.hits) + ' hits':{width}}  per second")
     for name, value in results.items():

@@ -146,10 +146,12 @@ class _Server:
         try:
             while True:
                 try:
-                    data = await _read_frame(reader)
+                    frame = _read_frame(reader)
+                    # No reference here: store() frees the bytes and the raw items as
+                    # soon as it is done with them (a batch can be batch_max hits).
+                    reply = await self.store(await frame)
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return  # the worker went away (it reconnects when it needs to)
-                reply = await self.store(data)
                 writer.writelines(_frame(marshal.dumps(reply)))
                 await writer.drain()
         except (ConnectionError, ValueError) as exc:
@@ -160,7 +162,10 @@ class _Server:
     async def store(self, data: bytes) -> tuple[str, Any]:
         async with self.lock:
             try:
-                batch, dropped = await self.builder.build(decode_items(data))
+                items = decode_items(data)
+                del data
+                batch, dropped = await self.builder.build(items)
+                del items
                 await self.storage.write_batch(batch)
             except StorageError as exc:
                 return ("storage", exc.detail)
