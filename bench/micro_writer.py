@@ -104,9 +104,9 @@ async def _run(hits: int, work: Path, batch_sizes: tuple[int, ...]) -> dict[str,
         results["BatchWriter rows per CPU s"] = consented / cpu
         results["BatchWriter hits/s (incl. 30% anonymous)"] = hits / elapsed
 
-        # write_batch with rollups and IP statistics, returning visitors (bench/mix.py), at
-        # the usual batch size and at storage.batch_max (what a writer that fell behind
-        # takes), each on a fresh file.
+        # write_batch with rollups and IP statistics, returning visitors (bench/mix.py), in
+        # batches of 2,000 (the session-2 default) and of 8,000 (today's batch_size, what
+        # a busy or lagging writer takes), each on a fresh file.
         from collector.aggregates import aggregators
 
         rows = [enricher.row(x) for x in _visits(mix, consented, now)]

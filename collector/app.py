@@ -71,7 +71,6 @@ class CollectorApp:
             self.storage,
             self.enricher,
             batch_size=settings.storage.batch_size,
-            batch_max=settings.storage.batch_max,
             flush_interval_ms=settings.storage.flush_interval_ms,
             queue_size=settings.storage.queue_size,
             queue_wait_ms=settings.storage.queue_wait_ms,

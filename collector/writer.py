@@ -2,10 +2,10 @@
 
 The pixel appends to an in-memory buffer and answers at once; one background task swaps
 the buffer out every ``flush_interval_ms`` (or as soon as ``batch_size`` items wait),
-enriches the hits and stores them in one transaction. A writer that fell behind takes
-everything waiting, up to ``batch_max``: a transaction of 8,000 hits costs ~35% less CPU
-per hit than four of 2,000 (shared index pages are written once, rollup keys repeat), so
-the writer catches up instead of staying behind (docs/PERFORMANCE.md, session 3).
+enriches the hits and stores them in one transaction. Under load the interval, not the
+size, ends a batch, so batches grow with the traffic (up to ``batch_size``): a
+transaction of 8,000 hits costs ~35% less CPU per hit than four of 2,000 (index pages
+are written once, rollup keys repeat), and a writer that fell behind catches up.
 Appending is a list append, and draining is a swap, so the request path pays nothing for
 the disk.
 
@@ -159,7 +159,6 @@ class BatchWriter:
         *,
         batch_size: int,
         flush_interval_ms: int,
-        batch_max: int | None = None,
         queue_size: int,
         queue_wait_ms: int,
         metrics: Metrics,
@@ -174,7 +173,6 @@ class BatchWriter:
         # Filters (blocks) run where the batch is built: here, or in the writer process.
         self.filters = self.sink.filters
         self.batch_size = batch_size
-        self.batch_max = max(batch_size, batch_max or batch_size)
         self.interval = flush_interval_ms / 1000
         self.max_items = queue_size
         self.wait_s = queue_wait_ms / 1000
@@ -295,10 +293,10 @@ class BatchWriter:
                 except TimeoutError:
                     pass
             wake.clear()
-            # What waits, up to batch_max (not the whole buffer, so that one transaction
-            # stays bounded); behind, the writer catches up in larger, cheaper batches.
-            items = self._buf[: self.batch_max]
-            del self._buf[: self.batch_max]
+            # What waits, up to batch_size (not the whole buffer, so that one transaction
+            # stays bounded).
+            items = self._buf[: self.batch_size]
+            del self._buf[: self.batch_size]
             backlog = bool(self._buf)
             self._in_flight = len(items)
             try:

@@ -148,7 +148,7 @@ class _Server:
                 try:
                     frame = _read_frame(reader)
                     # No reference here: store() frees the bytes and the raw items as
-                    # soon as it is done with them (a batch can be batch_max hits).
+                    # soon as it is done with them (a batch can be batch_size hits).
                     reply = await self.store(await frame)
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return  # the worker went away (it reconnects when it needs to)

@@ -135,7 +135,7 @@ class SQLiteStorage:
             # checkpointing every ~40 MB of WAL instead of 4 MB writes a page that several
             # batches touched once: -25% CPU per stored row (docs/PERFORMANCE.md). 32 MiB
             # saved ~4% of the writer's CPU and cost it 16 MB of RSS; 12 against 16 MiB
-            # measured no difference and pays for batch_max's larger batches (4 MB).
+            # measured no difference and pays for the larger batches (4 MB).
             await conn.execute("PRAGMA cache_size = -12288")
             await conn.execute("PRAGMA wal_autocheckpoint = 10000")
         return conn
