@@ -294,13 +294,12 @@ class BatchWriter:
                     pass
             wake.clear()
             # What waits, up to batch_size (not the whole buffer, so that one transaction
-            # stays bounded).
-            items = self._buf[: self.batch_size]
-            del self._buf[: self.batch_size]
-            backlog = bool(self._buf)
-            self._in_flight = len(items)
+            # stays bounded). No local name keeps the items: _store lets them go once
+            # they are prepared (RSS: a batch is up to 8,000 hits).
+            self._in_flight = min(len(self._buf), self.batch_size)
+            backlog = len(self._buf) > self._in_flight
             try:
-                await self._store(items)
+                await self._store(self._take(self._in_flight))
             finally:
                 self._in_flight = 0
                 if self._space is not None:
@@ -314,8 +313,15 @@ class BatchWriter:
             except Exception:  # a housekeeping bug must not stop recording
                 logger.exception("writer housekeeping task failed")
 
-    async def _store(self, items: Sequence[Item]) -> None:
+    def _take(self, n: int) -> list[Item]:
+        items = self._buf[:n]
+        del self._buf[:n]
+        return items
+
+    async def _store(self, items: list[Item]) -> None:
         job = await self.sink.prepare(items)
+        consented = _consented(items)
+        del items
         delay = 0.05
         deadline: float | None = None
         while True:
@@ -331,7 +337,7 @@ class BatchWriter:
                 if self._stopping:
                     deadline = deadline or time.monotonic() + self.shutdown_retry_s
                     if time.monotonic() > deadline:
-                        lost = _consented(items)
+                        lost = consented
                         self._dropped_err.inc(lost)
                         logger.error("shutting down with storage failing: %d hits lost", lost)
                         return
@@ -341,7 +347,7 @@ class BatchWriter:
             except Exception:
                 # A bug (not an outage): retrying the same batch would fail forever and
                 # block every later hit, so this batch is dropped, counted and logged.
-                lost = _consented(items)
+                lost = consented
                 self.metrics.hits_dropped.labels("internal_error").inc(lost)
                 logger.exception("storing a batch failed unexpectedly; %d hits dropped", lost)
                 return

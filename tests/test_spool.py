@@ -147,3 +147,17 @@ async def test_a_crashed_nodes_spool_is_adopted_and_replayed(tmp_path: Path, pg_
     finally:
         await storage.close()
     assert list(spool_dir.glob("spool-*.db")) == []  # empty spools are removed at close
+
+
+def test_a_connection_dropped_mid_operation_is_an_outage_not_a_bug() -> None:
+    # Seen under load when PostgreSQL stops: the pooled connection's next BEGIN fails
+    # with asyncpg's InternalClientError. Taken for a bug, the batch was dropped (69
+    # answered hits lost in test_outage_under_load_...); as an outage it is spooled.
+    from collector.errors import DatabaseUnreachable
+    from collector.storage.postgres import _errors
+
+    broken = asyncpg.exceptions.InternalClientError(
+        "cannot switch to state 15; another operation (2) is in progress"
+    )
+    with pytest.raises(DatabaseUnreachable), _errors("writing 69 hits"):
+        raise broken

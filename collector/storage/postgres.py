@@ -96,7 +96,11 @@ def _unreachable(exc: BaseException) -> bool:
         | asyncpg.PostgresConnectionError
         | asyncpg.exceptions.OperatorInterventionError
         | asyncpg.exceptions.TooManyConnectionsError
-        | asyncpg.exceptions.ConnectionDoesNotExistError,
+        | asyncpg.exceptions.ConnectionDoesNotExistError
+        # A pooled connection the server dropped mid-operation (shutdown under load)
+        # fails its next BEGIN with "cannot switch to state ..; another operation is in
+        # progress". It is the connection's loss, not our bug: spool, do not drop.
+        | asyncpg.exceptions.InternalClientError,
     ) or (isinstance(exc, asyncpg.InterfaceError) and "connection" in str(exc).lower())
 
 
