@@ -1,0 +1,108 @@
+"""Micro-benchmark: where a batch's write goes, statement by statement, per batch size.
+
+The realistic consented mix of ``bench.micro_writer`` (returning visitors, 5,000 pages),
+enriched, then written through the real aggregators (rollups, IP statistics) at one batch
+size per fresh SQLite file, with the write connection's pragmas. Prints CPU microseconds
+per hit for the Python preparation and for each statement and the COMMIT: the table
+behind the choice of ``storage.batch_size`` (docs/PERFORMANCE.md, session 3).
+
+    python -m bench.micro_statements [--hits 200000] [--batch-sizes 2000,8000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sqlite3
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from bench.micro_writer import _visits
+from bench.mix import GEOIP, build_mix
+
+
+def _measure(rows: list, size: int, work: Path) -> None:  # type: ignore[type-arg]
+    from collector.aggregates import aggregators
+    from collector.config import load_settings
+    from collector.storage.base import Batch
+    from collector.storage.sqlite import SQLiteStorage
+
+    path = work / f"statements-{size}.db"
+    settings = load_settings(None, environ={"COLLECTOR_STORAGE_PATH": str(path)})
+    storage = SQLiteStorage(settings, aggregators(settings))
+    asyncio.run(_migrate(storage))
+    conn = sqlite3.connect(path, isolation_level=None)
+    for pragma in ("journal_mode = WAL", "synchronous = NORMAL", "cache_size = -12288"):
+        conn.execute(f"PRAGMA {pragma}")
+    conn.execute("PRAGMA wal_autocheckpoint = 10000")
+    generations = {}
+    for aggregate in storage._caching:
+        found = conn.execute(aggregate.generation_sql).fetchone()
+        generations[aggregate.generation_sql] = found[0] if found else 0
+    spent: Counter[str] = Counter()
+    count: Counter[str] = Counter()
+    prepare = 0.0
+    started = time.process_time()
+    for i in range(0, len(rows), size):
+        batch = Batch(hits=rows[i : i + size])
+        t = time.process_time()
+        statements, committed = storage._statements(batch, generations)
+        prepare += time.process_time() - t
+        conn.execute("BEGIN IMMEDIATE")
+        for sql, params in statements:
+            t = time.process_time()
+            conn.executemany(sql, params)
+            name = sql.split("(")[0].removeprefix("INSERT INTO ").strip()
+            spent[name] += time.process_time() - t
+            count[name] += len(params)
+        t = time.process_time()
+        conn.execute("COMMIT")
+        spent["COMMIT"] += time.process_time() - t
+        for done in committed:
+            done()
+    total = time.process_time() - started
+    conn.close()
+    n = len(rows)
+    print(f"\nbatches of {size}: {total / n * 1e6:.1f} us CPU per hit in all")
+    print(f"  {prepare / n * 1e6:6.2f} us  Python: rollup and IP pre-aggregation, statements")
+    for name, seconds in spent.most_common():
+        rows_per_hit = f"{count[name] / n:5.2f} rows/hit" if name != "COMMIT" else ""
+        print(f"  {seconds / n * 1e6:6.2f} us  {name:18} {rows_per_hit}")
+
+
+async def _migrate(storage: object) -> None:
+    await storage.open()  # type: ignore[attr-defined]
+    await storage.close()  # type: ignore[attr-defined]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--hits", type=int, default=200_000)
+    ap.add_argument("--batch-sizes", default="2000,8000")
+    args = ap.parse_args(argv)
+    from collector.config import load_settings
+    from collector.enrich import Enricher
+    from collector.geo import GeoIP
+
+    settings = load_settings(
+        None,
+        environ={
+            "COLLECTOR_GEOIP_CITY_DB": str(GEOIP / "GeoIP2-City-Test.mmdb"),
+            "COLLECTOR_GEOIP_ASN_DB": str(GEOIP / "GeoLite2-ASN-Test.mmdb"),
+            "COLLECTOR_GEOIP_ANONYMOUS_DB": str(GEOIP / "GeoIP2-Anonymous-IP-Test.mmdb"),
+        },
+    )
+    geoip = GeoIP(settings.geoip)
+    geoip.open()
+    enricher = Enricher(settings, geoip)
+    rows = [enricher.row(h) for h in _visits(build_mix(), args.hits, int(time.time() * 1000))]
+    geoip.close()
+    with tempfile.TemporaryDirectory(prefix="collector-statements-") as tmp:
+        for size in (int(x) for x in args.batch_sizes.split(",")):
+            _measure(rows, size, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
