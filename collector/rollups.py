@@ -148,16 +148,7 @@ def vbit(h: int) -> int:
 
 # The dimensions other than page, in the order of ``_values``; page is kept apart because
 # it alone has thousands of values and takes part only one-dimensionally.
-_FIXED_DIMS: tuple[str, ...] = (
-    "total",
-    "referrer",
-    "placement",
-    "browser",
-    "os",
-    "device_class",
-    "country",
-    "source",
-)
+_FIXED_DIMS: tuple[str, ...] = ("total", *CROSS_DIMENSIONS)
 _FIXED_INDEX = {dim: i for i, dim in enumerate(_FIXED_DIMS)}
 _CROSS = tuple(
     (_FIXED_INDEX[f], _FIXED_INDEX[d], f, d)
