@@ -146,10 +146,9 @@ class _Server:
         try:
             while True:
                 try:
-                    frame = _read_frame(reader)
-                    # No reference here: store() frees the bytes and the raw items as
-                    # soon as it is done with them (a batch can be batch_size hits).
-                    reply = await self.store(await frame)
+                    # No name here holds the frame: store() frees the bytes and the raw
+                    # items as soon as it is done with them (a batch is up to 8,000 hits).
+                    reply = await self.store(await _read_frame(reader))
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return  # the worker went away (it reconnects when it needs to)
                 writer.writelines(_frame(marshal.dumps(reply)))
