@@ -55,7 +55,7 @@ _ID = re.compile(r"^[0-9a-f]{32}$")
 # ten defaults): 9% of our request path. The same tuples, built directly.
 _tuple = tuple.__new__
 _RAW_TAIL = tuple(RawHit._field_defaults[name] for name in RawHit._fields[11:])
-_ANON_TAIL = ("", "")
+_ANON_TAIL = tuple(AnonHit._field_defaults[name] for name in AnonHit._fields[3:])
 _MAX_PARAM = 8192
 _MAX_COOKIE_HEADER = 16_384
 
