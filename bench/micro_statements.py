@@ -16,32 +16,33 @@ import asyncio
 import sqlite3
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from bench.micro_writer import _visits
 from bench.mix import GEOIP, build_mix
+from collector.storage.base import HitRow
+from collector.storage.sqlite import SQLiteStorage
 
 
-def _measure(rows: list, size: int, work: Path) -> None:  # type: ignore[type-arg]
+def _measure(rows: list[HitRow], size: int, work: Path) -> None:
     from collector.aggregates import aggregators
     from collector.config import load_settings
     from collector.storage.base import Batch
-    from collector.storage.sqlite import SQLiteStorage
 
     path = work / f"statements-{size}.db"
     settings = load_settings(None, environ={"COLLECTOR_STORAGE_PATH": str(path)})
     storage = SQLiteStorage(settings, aggregators(settings))
-    asyncio.run(_migrate(storage))
+    asyncio.run(_migrate(storage))  # the schema; the timed writes use their own connection
     conn = sqlite3.connect(path, isolation_level=None)
     for pragma in ("journal_mode = WAL", "synchronous = NORMAL", "cache_size = -12288"):
         conn.execute(f"PRAGMA {pragma}")
     conn.execute("PRAGMA wal_autocheckpoint = 10000")
-    generations = {}
+    generations: dict[str, int] = {}
     for aggregate in storage._caching:
         found = conn.execute(aggregate.generation_sql).fetchone()
         generations[aggregate.generation_sql] = found[0] if found else 0
-    spent: Counter[str] = Counter()
+    spent: defaultdict[str, float] = defaultdict(float)
     count: Counter[str] = Counter()
     prepare = 0.0
     started = time.process_time()
@@ -67,14 +68,14 @@ def _measure(rows: list, size: int, work: Path) -> None:  # type: ignore[type-ar
     n = len(rows)
     print(f"\nbatches of {size}: {total / n * 1e6:.1f} us CPU per hit in all")
     print(f"  {prepare / n * 1e6:6.2f} us  Python: rollup and IP pre-aggregation, statements")
-    for name, seconds in spent.most_common():
+    for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
         rows_per_hit = f"{count[name] / n:5.2f} rows/hit" if name != "COMMIT" else ""
         print(f"  {seconds / n * 1e6:6.2f} us  {name:18} {rows_per_hit}")
 
 
-async def _migrate(storage: object) -> None:
-    await storage.open()  # type: ignore[attr-defined]
-    await storage.close()  # type: ignore[attr-defined]
+async def _migrate(storage: SQLiteStorage) -> None:
+    await storage.open()
+    await storage.close()
 
 
 def main(argv: list[str] | None = None) -> None:
