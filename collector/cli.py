@@ -110,6 +110,8 @@ def serve(
 def _run_uvicorn(server: ServerSettings) -> None:
     import uvicorn
 
+    from collector.protocol import PixelProtocol
+
     uvicorn.run(
         "collector.app:app_from_environment",
         factory=True,
@@ -117,7 +119,8 @@ def _run_uvicorn(server: ServerSettings) -> None:
         port=server.port,
         workers=server.workers,
         loop="uvloop",
-        http="httptools",
+        # httptools either way; PixelProtocol answers the pixel without an ASGI cycle.
+        http=PixelProtocol if server.fast_path else "httptools",
         lifespan="on",
         # We resolve client IPs ourselves from server.trusted_proxies; uvicorn's own
         # handling trusts 127.0.0.1 by default, which would let any local client spoof.
@@ -126,6 +129,7 @@ def _run_uvicorn(server: ServerSettings) -> None:
         access_log=server.access_log,
         log_config=None,
         timeout_graceful_shutdown=30,
+        timeout_keep_alive=server.keep_alive_s,
     )
 
 

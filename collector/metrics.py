@@ -1,8 +1,9 @@
 """Prometheus metrics, one registry per app (no process-global state).
 
 The hot path never touches a metric: the writer counts whole batches, and the queue
-depth is read when ``/metrics`` is scraped. With ``--workers N`` each worker process
-answers with its own registry; sum across scrapes or run one worker per scrape target.
+depth and the pixel's plain counters are read when ``/metrics`` is scraped. With
+``--workers N`` each worker process answers with its own registry; sum across scrapes or
+run one worker per scrape target.
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ class Metrics:
         )
         self.storage_errors = Counter(
             "collector_storage_errors", "Failed batch writes (retried)", registry=r
+        )
+
+        self.fast_answers = Gauge(
+            "collector_pixel_fast_path_answers",
+            "Pixel requests answered in uvicorn's parser callback (server.fast_path) since "
+            "start; the others took the ASGI path",
+            registry=r,
         )
 
     def track_queue(self, depth: Callable[[], int]) -> None:

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote_plus
@@ -28,7 +28,7 @@ from collector.consent import (
 from collector.enrich import ClientIP
 from collector.metrics import Metrics
 from collector.storage.base import AnonHit, RawHit
-from collector.writer import BatchWriter
+from collector.writer import BatchWriter, Item
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+Headers = Iterable[tuple[bytes, bytes]]
 
 # The smallest transparent 1x1 GIF (43 bytes).
 GIF = (
@@ -50,6 +51,9 @@ _BASE_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     # Store pages on another origin embed the image.
     (b"cross-origin-resource-policy", b"cross-origin"),
 )
+# The same headers as lines, for a server that writes the response itself (protocol.py).
+_BASE_BLOCK = b"".join(b"%s: %s\r\n" % header for header in _BASE_HEADERS)
+_COOKIE_LINES = b"%bset-cookie: %b\r\nset-cookie: %b\r\n"  # both paths set two cookies or none
 _ID = re.compile(r"^[0-9a-f]{32}$")
 # ``RawHit(...)`` runs namedtuple's generated ``__new__`` (a Python-level call that fills
 # ten defaults): 9% of our request path. The same tuples, built directly.
@@ -161,14 +165,16 @@ class Pixel:
         self._attrs = attrs
         self._sid_cookie = f"; Max-Age={settings.visitor.session_idle_minutes * 60}{attrs}"
         self._expire = tuple(
-            (b"set-cookie", value.encode("latin-1"))
-            for value in expiring_visitor_cookies(settings.visitor)
+            value.encode("latin-1") for value in expiring_visitor_cookies(settings.visitor)
         )
         self._dropped_internal = metrics.hits_dropped.labels("internal_error")
         self._start_plain = {"type": "http.response.start", "status": 200, "headers": _BASE_HEADERS}
         self._body = {"type": "http.response.body", "body": GIF}
         self._head_body = {"type": "http.response.body", "body": b""}
         self._new_id = _IdSource()
+        # A plain int, read when /metrics is scraped: a prometheus counter takes a lock.
+        self.fast_answers = 0
+        metrics.fast_answers.set_function(lambda: self.fast_answers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         method = scope["method"]
@@ -182,21 +188,61 @@ class Pixel:
             )
             await send(self._head_body)
             return
+        start = self._start_plain
         try:
-            start = await self._record(scope)
+            hit, cookies = self._prepare(
+                scope["headers"], scope["query_string"], scope.get("client")
+            )
+            if not self.writer.put_nowait(hit):
+                await self.writer.put(hit)  # waits for space, or drops and counts
+            if cookies:
+                start = {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": (*_BASE_HEADERS, *((b"set-cookie", c) for c in cookies)),
+                }
         except Exception:
-            # Last resort, on purpose: a bug in recording must never cost the store its
-            # image (the pixel never fails). The hit is counted as dropped and logged.
-            self._dropped_internal.inc()
-            logger.exception("pixel could not record a hit")
-            start = self._start_plain
+            self._internal_error()
         await send(start)
         await send(self._body if method == "GET" else self._head_body)
 
-    async def _record(self, scope: Scope) -> Message:
+    def answer_now(
+        self, headers: Headers, query_string: bytes, client: tuple[str, int] | None
+    ) -> bytes | None:
+        """For a server that answers in its parser callback (``collector.protocol``): queue
+        the hit and return the response's header lines, or None -- with nothing recorded --
+        when the writer's buffer is full, so that the caller takes the ASGI path, which
+        waits for space (back-pressure)."""
+        if not self.writer.has_room():
+            return None
+        self.fast_answers += 1
+        try:
+            hit, cookies = self._prepare(headers, query_string, client)
+            self.writer.put_nowait(hit)  # cannot fail: room was checked, nothing ran since
+        except Exception:
+            self._internal_error()
+            return _BASE_BLOCK
+        if not cookies:
+            return _BASE_BLOCK
+        return _COOKIE_LINES % (_BASE_BLOCK, *cookies)
+
+    def _internal_error(self) -> None:
+        # Last resort, on purpose: a bug in recording must never cost the store its image
+        # (the pixel never fails). The hit is counted as dropped and logged.
+        self._dropped_internal.inc()
+        logger.exception("pixel could not record a hit")
+
+    def _prepare(
+        self, headers: Headers, query_string: bytes, client: tuple[str, int] | None
+    ) -> tuple[Item, tuple[bytes, ...]]:
+        """Request facts -> the hit to queue and the ``Set-Cookie`` values to answer with.
+
+        Pure but for the clock and the id source: both paths (ASGI and the parser
+        callback) queue what it returns.
+        """
         cookie = ua = referer = xff = forwarded = ""
         gpc = False
-        for key, value in scope["headers"]:
+        for key, value in headers:
             # httptools accepts megabyte headers and any number of them: every value is
             # capped here, before it can sit in the write queue (queue_size x hit size).
             if key == b"cookie":
@@ -218,33 +264,25 @@ class Pixel:
         ts_ms = int(now * 1000)
         cookies = parse_cookies(cookie, self.wanted) if cookie else {}
         consent, state = self.consent.read(cookies, now)
-        page, referrer, placement = parse_pixel_query(scope["query_string"])
+        page, referrer, placement = parse_pixel_query(query_string)
         if not page:
             page = referer
         if consent is None or not consent.statistics:
             if self.ip_without_consent:  # 3.3.2 security counters, off by default
-                client = scope.get("client")
                 peer = client[0] if client else None
                 anon = AnonHit(ts_ms, page, state, self.client_ip.resolve(peer, xff, forwarded), ua)
             else:
                 anon = _tuple(AnonHit, (ts_ms, page, state, *_ANON_TAIL))
-            if not self.writer.put_nowait(anon):
-                await self.writer.put(anon)  # waits for space, or drops and counts
             if self.vid_name in cookies or self.sid_name in cookies:
                 # No valid statistics consent: the visitor id must not live on (3.3, 5.1).
-                return {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": _BASE_HEADERS + self._expire,
-                }
-            return self._start_plain
+                return anon, self._expire
+            return anon, ()
         vid = cookies.get(self.vid_name, "")
         if not _ID.match(vid):
             vid = self._new_id()
         sid = cookies.get(self.sid_name, "")
         if not _ID.match(sid):
             sid = self._new_id()
-        client = scope.get("client")
         ip = self.client_ip.resolve(client[0] if client else None, xff, forwarded)
         # 4.1.11: placement (ad-block) attribution only with advertising consent, and never
         # against a Global Privacy Control signal.
@@ -270,15 +308,8 @@ class Pixel:
                 *_RAW_TAIL,
             ),
         )
-        if not self.writer.put_nowait(hit):
-            await self.writer.put(hit)
         max_age = self.codec.remaining_s(consent, now)
-        return {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": (
-                *_BASE_HEADERS,
-                (b"set-cookie", f"{self.vid_name}={vid}; Max-Age={max_age}{self._attrs}".encode()),
-                (b"set-cookie", f"{self.sid_name}={sid}{self._sid_cookie}".encode()),
-            ),
-        }
+        return hit, (
+            f"{self.vid_name}={vid}; Max-Age={max_age}{self._attrs}".encode(),
+            f"{self.sid_name}={sid}{self._sid_cookie}".encode(),
+        )

@@ -197,6 +197,10 @@ class BatchWriter:
 
     # --- producer side (the pixel) --------------------------------------------------
 
+    def has_room(self) -> bool:
+        """``put_nowait`` would accept an item now (and still will until the loop yields)."""
+        return self._wake is not None and len(self._buf) + self._in_flight < self.max_items
+
     def put_nowait(self, item: Item) -> bool:
         buf = self._buf
         # The batch being written counts: memory holds queue_size items at most.
