@@ -26,6 +26,9 @@ from collector.geo import GeoInfo, GeoIP
 from collector.storage.base import HitRow, RawHit
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# ``HitRow(...)`` runs namedtuple's generated ``__new__`` (a Python-level call with 29
+# arguments) for every stored hit; the same tuple, built directly (as pixel.py does).
+_tuple = tuple.__new__
 # App screens are stored as app://<screen name> in page_url (POST /collect).
 APP_SCHEME = "app://"
 _EMAIL = re.compile(r"[^\s/?#&=@]+@[^\s/?#&=@]+\.[A-Za-z]{2,}")
@@ -378,29 +381,32 @@ class Enricher:
         agent = self._agent(hit.user_agent)
         if hit.source != "web":
             agent = self._app_agent(agent, hit)
-        return HitRow(
-            hit.ts_ms,
-            hit.ip,
-            hit.visitor_id,
-            hit.session_id,
-            _cookie_json(hit.cookies) if hit.cookies else None,
-            *agent,
-            clean(hit.page) if hit.page else None,
-            clean(hit.referrer) if hit.referrer else None,
-            (_CONTROL.sub("", placement)[:128] or None) if placement else None,
-            geo.country,
-            geo.region,
-            geo.city,
-            hit.consent_id,
-            hit.policy_version,
-            hit.source,
-            hit.event_id,
-            hit.event_type,
-            hit.client_ts_ms,
-            hit.received_ms,
-            hit.time_flag,
-            hit.app_version,
-            hit.device_model,
+        return _tuple(
+            HitRow,
+            (
+                hit.ts_ms,
+                hit.ip,
+                hit.visitor_id,
+                hit.session_id,
+                _cookie_json(hit.cookies) if hit.cookies else None,
+                *agent,
+                clean(hit.page) if hit.page else None,
+                clean(hit.referrer) if hit.referrer else None,
+                (_CONTROL.sub("", placement)[:128] or None) if placement else None,
+                geo.country,
+                geo.region,
+                geo.city,
+                hit.consent_id,
+                hit.policy_version,
+                hit.source,
+                hit.event_id,
+                hit.event_type,
+                hit.client_ts_ms,
+                hit.received_ms,
+                hit.time_flag,
+                hit.app_version,
+                hit.device_model,
+            ),
         )
 
 
