@@ -155,7 +155,7 @@ def start_collector(
     tag: str = "",
     writer_cpu: str | None = None,
 ) -> Server:
-    """``collector serve``; ``writer_cpu`` moves its writer process to that CPU."""
+    """``collector serve``; ``writer_cpu`` ("0", or "0,1") moves its writer process there."""
     argv = ["-m", "collector", "serve", "--workers", str(workers)]
     server = Server(f"collector{tag}", argv, env, work, cpu)
     writer = server.writer_pid()
@@ -163,8 +163,9 @@ def start_collector(
         # Every thread: affinity is per thread, and the writer's SQLite threads started
         # (on uvicorn's CPU, inherited) before it answered. Pinning only the main thread
         # left the SQLite work on the serving core (sessions 1-2 measured that by mistake).
+        cpus = {int(cpu) for cpu in writer_cpu.split(",")}
         for task in Path(f"/proc/{writer}/task").iterdir():
-            os.sched_setaffinity(int(task.name), {int(writer_cpu)})
+            os.sched_setaffinity(int(task.name), cpus)
     return server
 
 
@@ -328,15 +329,21 @@ def main(argv: list[str] | None = None) -> int:
             ("collector", coll, db),
         ]
         if not args.skip_variants:
-            # Everything on one core (the writer process pinned beside uvicorn), and the
-            # writer in a thread of the worker (``writer_process = false``, the earlier
-            # design): what the writer process buys, measured in the same run.
-            for tag, extra in (
-                ("one-core", {}),
-                ("inline", {"COLLECTOR_STORAGE_WRITER_PROCESS": "false"}),
+            # Every request through the ASGI path (``server.fast_path = false``: what the
+            # parser-callback pixel buys); the writer process left to the scheduler on
+            # either core (as a deployment runs it); everything on one core (the writer
+            # process pinned beside uvicorn); and the writer in a thread of the worker
+            # (``writer_process = false``, the earlier design). Same run, same rounds.
+            for tag, extra, writer_cpu in (
+                ("asgi", {"COLLECTOR_SERVER_FAST_PATH": "false"}, args.writer_cpu),
+                ("writer-any", {}, f"{LOAD_CPU},{SERVER_CPU}"),
+                ("one-core", {}, None),
+                ("inline", {"COLLECTOR_STORAGE_WRITER_PROCESS": "false"}, None),
             ):
                 v_db = work / f"{tag}.db"
-                variant = start_collector(work, {**collector_env(v_db), **extra}, tag=f"-{tag}")
+                variant = start_collector(
+                    work, {**collector_env(v_db), **extra}, tag=f"-{tag}", writer_cpu=writer_cpu
+                )
                 servers.append(variant)
                 contenders.append((tag, variant, v_db))
                 wrk(variant.url, data, 3, connections=args.connections)
