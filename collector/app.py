@@ -46,7 +46,7 @@ from collector.openapi import openapi_route
 from collector.pixel import Pixel, Receive, Scope, Send
 from collector.security import SecurityHeaders
 from collector.storage import open_storage
-from collector.writer import BatchWriter
+from collector.writer import BatchBuilder, BatchWriter
 from collector.writer_process import SOCKET_ENV, RemoteSink
 
 logger = logging.getLogger(__name__)
@@ -64,8 +64,9 @@ class CollectorApp:
         self.metrics = Metrics()
         self.storage = open_storage(settings, aggregators(settings))
         self.geoip = GeoIP(settings.geoip)
-        # With a writer process, enrichment happens there: this worker needs no parsers.
-        self.enricher = None if writer_socket else Enricher(settings, self.geoip)
+        # Enrichment happens here, in every worker (in parallel), also when a writer
+        # process stores the batches (writer_process.RemoteSink).
+        self.enricher = Enricher(settings, self.geoip)
         self.codec = ConsentCodec(settings.consent)
         self.writer = BatchWriter(
             self.storage,
@@ -75,9 +76,9 @@ class CollectorApp:
             queue_size=settings.storage.queue_size,
             queue_wait_ms=settings.storage.queue_wait_ms,
             metrics=self.metrics,
-            # Under ``collector serve`` with SQLite, one writer process enriches and
-            # stores every worker's hits (writer_process.py); otherwise this process does.
-            sink=RemoteSink(writer_socket) if writer_socket else None,
+            # Under ``collector serve`` with SQLite, one writer process stores every
+            # worker's batches (writer_process.py); otherwise this process does.
+            sink=RemoteSink(writer_socket, BatchBuilder(self.enricher)) if writer_socket else None,
         )
         self._geo_checked = 0.0
         spool_depth = getattr(self.storage, "spool_depth", None)

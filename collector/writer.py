@@ -16,10 +16,11 @@ Guarantees:
   red, ``/healthz`` says why), and recording resumes by itself when storage recovers;
 - ``stop()`` drains everything that was accepted before it returns (graceful shutdown).
 
-Where a batch goes is the writer's ``sink``: ``LocalSink`` enriches and stores it in this
-process; under ``collector serve`` with SQLite, ``writer_process.RemoteSink`` ships the raw
-items to the one writer process, which enriches, filters and stores them there and answers
-with a ``Tally`` that this process turns into its metrics.
+Where a batch goes is the writer's ``sink``: ``LocalSink`` builds (enriches) and stores it
+in this process; under ``collector serve`` with SQLite, ``writer_process.RemoteSink``
+builds it here too and ships the built batch to the one writer process, which filters
+and stores it there and answers with a ``Tally`` that this process turns into its
+metrics.
 """
 
 from __future__ import annotations

@@ -1,14 +1,16 @@
-"""One writer process for SQLite: every worker's hits, stored off the pixel's cores.
+"""One writer process for SQLite: every worker's batches, stored off the pixel's cores.
 
-Why a process: the pixel's event loop and the writer's work (enrichment, SQLite's
-inserts, index updates and rollup upserts) shared one core and the GIL when the writer
-ran inside the worker; py-spy put ~40% of that core in SQLite alone
-(docs/PERFORMANCE.md). ``collector serve`` now starts one writer process beside
-uvicorn. A worker's ``BatchWriter`` still buffers what the pixel accepts, but its sink is
-``RemoteSink``: every flush ships the raw hits over a Unix socket to this process, which
-enriches them (user agent, GeoIP, URLs), applies the blocks, and stores the batch on
-the one SQLite write connection for hits. With several workers this also ends their
-contention for SQLite's write lock, and the UA and GeoIP caches exist once.
+Why a process: the pixel's event loop and the writer's work (SQLite's inserts, index
+updates and rollup upserts) shared one core and the GIL when the writer ran inside the
+worker; py-spy put ~40% of that core in SQLite alone (docs/PERFORMANCE.md).
+``collector serve`` starts one writer process beside uvicorn. A worker's ``BatchWriter``
+still buffers what the pixel accepts and builds each batch itself (enrichment: user
+agent, GeoIP, URLs; the anonymous counters), between pixel requests; its sink is
+``RemoteSink``, which ships the built batch over a Unix socket to this process. Here the
+batch meets the block list, the aggregators and the one SQLite write connection. With
+several workers this ends their contention for SQLite's write lock, and keeps the serial
+part -- this process -- as small as it can be: per-hit work that needs no shared state
+runs in the workers, in parallel (docs/PERFORMANCE.md, session 4).
 
 The writer's contract is kept: ``deliver`` returns once the batch is committed (the
 writer process answers after COMMIT) with a ``Tally`` for the worker's metrics, and an
@@ -43,12 +45,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from collector.errors import CollectorError, StorageError
-from collector.storage.base import AnonHit, RawHit, Storage
+from collector.storage.base import Batch, HitRow, Storage
 from collector.writer import BatchBuilder, Filter, Item, Tally
 
 logger = logging.getLogger("collector.writer_process")  # also when run as __main__
@@ -56,23 +59,28 @@ logger = logging.getLogger("collector.writer_process")  # also when run as __mai
 SOCKET_ENV = "COLLECTOR_WRITER_SOCKET"  # set by ``serve`` for its workers
 _MAX_FRAME = 1 << 30
 _READY = b"ready\n"
-_GEO_RELOAD_S = 5.0
 _tuple = tuple.__new__
 
 
-def encode_items(items: Sequence[Item]) -> bytes:
-    raw = [tuple(i) for i in items if isinstance(i, RawHit)]
-    anon = [tuple(i) for i in items if not isinstance(i, RawHit)]
-    return marshal.dumps((raw, anon))
+def encode_batch(batch: Batch, dropped: Counter[str]) -> bytes:
+    """A built batch, and what its worker dropped building it, as one frame's payload."""
+    return marshal.dumps(
+        (
+            list(map(tuple, batch.hits)),
+            dict(batch.pixel_counts),
+            list(batch.unconsented_ips),
+            dict(dropped),
+        )
+    )
 
 
-def decode_items(data: bytes) -> list[Item]:
-    raw, anon = marshal.loads(data)
-    # ``_make`` is a Python-level classmethod call per hit; the frames come from our own
-    # workers (a 0700 socket) and carry whole tuples, so they are typed directly.
-    items: list[Item] = [_tuple(RawHit, i) for i in raw]
-    items.extend([_tuple(AnonHit, i) for i in anon])
-    return items
+def decode_batch(data: bytes) -> tuple[Batch, Counter[str]]:
+    hits, counts, unconsented, dropped = marshal.loads(data)
+    # ``HitRow._make`` is a Python-level classmethod call per hit; the frames come from
+    # our own workers (a 0700 socket) and carry whole rows, so they are typed directly.
+    rows: list[HitRow] = [_tuple(HitRow, h) for h in hits]
+    batch = Batch(hits=rows, pixel_counts=counts, unconsented_ips=unconsented)
+    return batch, Counter(dropped)
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> bytes:
@@ -90,21 +98,27 @@ def _frame(payload: bytes) -> list[bytes]:
 
 
 class RemoteSink:
-    """The ``BatchWriter`` sink of a worker: raw items to the writer process.
+    """The ``BatchWriter`` sink of a worker: built batches to the writer process.
 
+    The worker builds the batch itself (``BatchBuilder``: enrichment, the anonymous
+    counters, its block list), in slices between pixel requests: that work is per hit
+    and needs no shared state, so with several workers it runs in parallel, and the one
+    writer process -- every worker's serial bottleneck -- is left with what must be
+    serial: the blocks as of the transaction, the aggregates and the transaction itself.
     ``deliver`` returns once the writer process has committed the batch, with its tally
     (stored, dropped, counted without consent) for this worker's metrics.
     """
 
-    def __init__(self, socket_path: str) -> None:
+    def __init__(self, socket_path: str, builder: BatchBuilder) -> None:
         self.socket_path = socket_path
-        # Blocks are applied by the writer process's own block list.
-        self.filters: list[Filter] = []
+        self.builder = builder
+        self.filters: list[Filter] = builder.filters
         self._lock = asyncio.Lock()
         self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
     async def prepare(self, items: Sequence[Item]) -> bytes:
-        return encode_items(items)
+        batch, dropped = await self.builder.build(items)
+        return encode_batch(batch, dropped)
 
     async def deliver(self, job: bytes) -> Tally:
         async with self._lock:
@@ -138,11 +152,13 @@ class RemoteSink:
 
 
 class _Server:
-    """Builds and stores the batches of every connected worker, one at a time."""
+    """Stores the batches of every connected worker, one at a time."""
 
-    def __init__(self, storage: Storage, builder: BatchBuilder) -> None:
+    def __init__(self, storage: Storage, keep: Filter) -> None:
         self.storage = storage
-        self.builder = builder
+        # The block list as this process knows it: a block made a moment ago through
+        # another worker reaches every hit stored after it (6.2.4).
+        self.keep = keep
         self.lock = asyncio.Lock()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -164,10 +180,12 @@ class _Server:
     async def store(self, data: bytes) -> tuple[str, Any]:
         async with self.lock:
             try:
-                items = decode_items(data)
+                batch, dropped = decode_batch(data)
                 del data
-                batch, dropped = await self.builder.build(items)
-                del items
+                kept = self.keep(batch.hits)
+                if len(kept) != len(batch.hits):
+                    dropped["blocked"] += len(batch.hits) - len(kept)
+                    batch.hits = kept
                 await self.storage.write_batch(batch)
             except StorageError as exc:
                 return ("storage", exc.detail)
@@ -185,8 +203,6 @@ async def run_writer(socket_path: str, stop: asyncio.Event) -> None:
     from collector.backup import DatabaseLock
     from collector.blocking import BlockList
     from collector.config import load_settings, resolve_secret
-    from collector.enrich import Enricher
-    from collector.geo import GeoIP
     from collector.logs import configure_logging
     from collector.storage import open_storage
 
@@ -194,35 +210,27 @@ async def run_writer(socket_path: str, stop: asyncio.Event) -> None:
     configure_logging(settings.server)
     storage = open_storage(settings, aggregators(settings))
     lock = DatabaseLock(Path(settings.storage.path))
-    geoip = GeoIP(settings.geoip)
     await storage.open()
     await lock.acquire_shared()
-    geoip.open()
     blocks = BlockList(storage)
     await blocks.start()
-    builder = BatchBuilder(Enricher(settings, geoip))
-    builder.filters.append(blocks.keep)
-    server = _Server(storage, builder)
+    server = _Server(storage, blocks.keep)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path)  # left by a predecessor that was killed
     listener = await asyncio.start_unix_server(server.handle, path=socket_path)
     os.chmod(socket_path, 0o600)
     gc.collect()
-    gc.freeze()  # parser tables, readers: out of the cyclic collector's scans
+    gc.freeze()  # schema, statements, block list: out of the cyclic collector's scans
     logger.info("writer process ready", extra={"pid": os.getpid()})
     sys.stdout.buffer.write(_READY)
     sys.stdout.buffer.flush()
     try:
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), _GEO_RELOAD_S)
-            geoip.maybe_reload()
+        await stop.wait()
     finally:
         listener.close()
         async with server.lock:  # the batch in hand is committed before we close
             await blocks.stop()
             await storage.close()
-        geoip.close()
         lock.release()
         logger.info("writer process stopped", extra={"pid": os.getpid()})
 
