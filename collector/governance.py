@@ -80,6 +80,11 @@ class Governance:
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
+    async def settled(self) -> None:
+        """Wait until every after-block rebuild scheduled so far has run."""
+        while self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
+
     def _expire_soon(self) -> None:
         # One sweep at a time per process; the refresh loop asks again while any is due.
         if self._expiring is None or self._expiring.done():
