@@ -1,9 +1,10 @@
 """Micro-benchmark: our own CPU per pixel request, without uvicorn.
 
 The real ``CollectorApp`` (raw ASGI pixel, consent, cookies, query, client IP, enqueue)
-called directly on 20,000 scopes built from the bench mix, with a no-op ``send``; the
-writer is started but never flushes during the loop. It isolates what the collector adds
-to uvicorn's own per-request cost (which the bare pixel pays too).
+called directly on 20,000 scopes built from the bench mix, with a no-op ``send``, and
+``Pixel.answer_now`` (what ``collector/protocol.py`` calls from uvicorn's parser
+callback) on the same requests; the writer is started but never flushes. It isolates
+what the collector adds to uvicorn's own per-request cost (which the bare pixel pays too).
 
     python -m bench.micro_pixel [--requests 20000] [--repeats 7]
 """
@@ -43,7 +44,7 @@ def _scopes(n: int) -> list[dict[str, Any]]:
     return scopes
 
 
-async def _run(requests: int, repeats: int, work: Path) -> list[float]:
+async def _run(requests: int, repeats: int, work: Path) -> tuple[list[float], list[float]]:
     from collector.app import CollectorApp
     from collector.config import load_settings
 
@@ -66,19 +67,27 @@ async def _run(requests: int, repeats: int, work: Path) -> list[float]:
 
     await app.storage.open()
     await app.writer.start()
-    per_request = []
+    asgi, fast = [], []
+    facts = [(s["headers"], s["query_string"], s["client"]) for s in scopes]
+    answer = app.pixel.answer_now
     try:
         for _ in range(repeats):
             app.writer._buf.clear()  # nothing is written: only the request path counts
             started = time.process_time()
             for scope in scopes:
                 await app(scope, receive, send)
-            per_request.append((time.process_time() - started) / len(scopes) * 1e6)
+            asgi.append((time.process_time() - started) / len(scopes) * 1e6)
+            app.writer._buf.clear()
+            # What collector/protocol.py calls from uvicorn's parser callback.
+            started = time.process_time()
+            for headers, query_string, client in facts:
+                answer(headers, query_string, client)
+            fast.append((time.process_time() - started) / len(facts) * 1e6)
     finally:
         app.writer._buf.clear()
         await app.writer.stop()
         await app.storage.close()
-    return per_request
+    return asgi, fast
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -87,11 +96,13 @@ def main(argv: list[str] | None = None) -> float:
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="collector-micro-pixel-") as tmp:
-        runs = asyncio.run(_run(args.requests, args.repeats, Path(tmp)))
-    median = statistics.median(runs)
-    print(f"pixel request path, no uvicorn: median {median:.2f} us CPU per request")
-    print(f"(min {min(runs):.2f}, max {max(runs):.2f}, {args.repeats} x {args.requests})")
-    return median
+        asgi, fast = asyncio.run(_run(args.requests, args.repeats, Path(tmp)))
+    for name, runs in (("ASGI path (app call)", asgi), ("parser-callback path", fast)):
+        print(
+            f"{name:22} median {statistics.median(runs):.2f} us CPU per request "
+            f"(min {min(runs):.2f}, max {max(runs):.2f}, {args.repeats} x {args.requests})"
+        )
+    return statistics.median(fast)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ size per fresh SQLite file, with the write connection's pragmas. Prints CPU micr
 per hit for the Python preparation and for each statement and the COMMIT: the table
 behind the choice of ``storage.batch_size`` (docs/PERFORMANCE.md, session 3).
 
-    python -m bench.micro_statements [--hits 200000] [--batch-sizes 2000,8000]
+    python -m bench.micro_statements [--hits 200000] [--batch-sizes 2000,8000] [--prefill N]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collector.storage.base import HitRow
 from collector.storage.sqlite import SQLiteStorage
 
 
-def _measure(rows: list[HitRow], size: int, work: Path) -> None:
+def _measure(rows: list[HitRow], size: int, work: Path, prefill: list[HitRow]) -> None:
     from collector.aggregates import aggregators
     from collector.config import load_settings
     from collector.storage.base import Batch
@@ -42,6 +42,15 @@ def _measure(rows: list[HitRow], size: int, work: Path) -> None:
     for aggregate in storage._caching:
         found = conn.execute(aggregate.generation_sql).fetchone()
         generations[aggregate.generation_sql] = found[0] if found else 0
+    # Untimed: the hits a store already holds (the random-key indexes grow with them).
+    for i in range(0, len(prefill), size):
+        statements, committed = storage._statements(Batch(hits=prefill[i : i + size]), generations)
+        conn.execute("BEGIN IMMEDIATE")
+        for sql, params in statements:
+            conn.executemany(sql, params)
+        conn.execute("COMMIT")
+        for done in committed:
+            done()
     spent: defaultdict[str, float] = defaultdict(float)
     count: Counter[str] = Counter()
     prepare = 0.0
@@ -66,7 +75,8 @@ def _measure(rows: list[HitRow], size: int, work: Path) -> None:
     total = time.process_time() - started
     conn.close()
     n = len(rows)
-    print(f"\nbatches of {size}: {total / n * 1e6:.1f} us CPU per hit in all")
+    held = f", {len(prefill):,} hits already stored" if prefill else ""
+    print(f"\nbatches of {size}{held}: {total / n * 1e6:.1f} us CPU per hit in all")
     print(f"  {prepare / n * 1e6:6.2f} us  Python: rollup and IP pre-aggregation, statements")
     for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
         rows_per_hit = f"{count[name] / n:5.2f} rows/hit" if name != "COMMIT" else ""
@@ -82,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--hits", type=int, default=200_000)
     ap.add_argument("--batch-sizes", default="2000,8000")
+    ap.add_argument(
+        "--prefill", type=int, default=0, help="hits stored (untimed) before the measured ones"
+    )
     args = ap.parse_args(argv)
     from collector.config import load_settings
     from collector.enrich import Enricher
@@ -98,11 +111,16 @@ def main(argv: list[str] | None = None) -> None:
     geoip = GeoIP(settings.geoip)
     geoip.open()
     enricher = Enricher(settings, geoip)
-    rows = [enricher.row(h) for h in _visits(build_mix(), args.hits, int(time.time() * 1000))]
+    now = int(time.time() * 1000)
+    mix = build_mix()
+    rows = [enricher.row(h) for h in _visits(mix, args.hits, now)]
+    # Earlier traffic, ~18,000 hits a second of it (as _visits spaces them), before ``now``.
+    earlier = now - args.prefill // 18 - 1000
+    prefill = [enricher.row(h) for h in _visits(mix, args.prefill, earlier)]
     geoip.close()
     with tempfile.TemporaryDirectory(prefix="collector-statements-") as tmp:
         for size in (int(x) for x in args.batch_sizes.split(",")):
-            _measure(rows, size, Path(tmp))
+            _measure(rows, size, Path(tmp), prefill)
 
 
 if __name__ == "__main__":
