@@ -44,7 +44,7 @@ class ServerSettings:
     log_format: Literal["json", "text"] = "json"
     access_log: bool = False
     # Answer GET/HEAD /p.gif inside uvicorn's parser callback (collector/protocol.py):
-    # ~2x the pixel's throughput. Off: every request takes the ordinary ASGI path.
+    # 29% less CPU per pixel request (docs/PERFORMANCE.md). Off: the ordinary ASGI path.
     fast_path: bool = True
     # Seconds an idle keep-alive connection stays open (uvicorn's timeout_keep_alive).
     # Behind a load balancer, set it above the balancer's own idle timeout.
