@@ -48,9 +48,7 @@ class _Answered:
     a finished response, as after any completed cycle."""
 
     __slots__ = ()
-    response_complete = True
-    disconnected = False
-    keep_alive = True
+    response_complete = True  # all uvicorn reads of a finished cycle, with message_event
 
     class message_event:  # named like the attribute it stands in for
         @staticmethod
