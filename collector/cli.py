@@ -446,7 +446,9 @@ def consent() -> None:
     """Proof of consent: the stored consent records."""
 
 
-@consent.command("show")
+# Consent ids are URL-safe base64, so one in 64 begins with "-": without this Click reads
+# such an id as an unknown option and the DPO gets a usage error instead of the records.
+@consent.command("show", context_settings={"ignore_unknown_options": True})
 @with_settings
 @click.argument("consent_id")
 @click.option("--ip", help="Also say whether the decisions were made from this IP address.")

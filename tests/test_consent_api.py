@@ -381,6 +381,22 @@ async def test_cli_consent_show_prints_the_records(
     assert missing.returncode == 1 and "no consent record" in missing.stderr
 
 
+def test_cli_consent_show_takes_an_id_that_begins_with_a_dash(
+    app: CollectorApp, tmp_path: Path
+) -> None:
+    # One generated id in 64 begins with "-"; it must be looked up, not read as an option.
+    env = {**os.environ, "COLLECTOR_STORAGE_PATH": str(db(app)), "COLLECTOR_CONSENT_SECRET": SECRET}
+    out = subprocess.run(
+        [sys.executable, "-m", "collector", "consent", "show", "-bCYYiqy847lZOi_", "--ip", IP],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert out.returncode == 1 and "no consent record for '-bCYYiqy847lZOi_'" in out.stderr
+
+
 # --- consent from an existing consent platform (consent.source) --------------------------
 
 
