@@ -1,7 +1,9 @@
-"""Which incremental aggregates run inside each batch transaction.
+"""Which incremental aggregates the batch writer keeps.
 
-Rollups for analysts (4) and per-IP statistics (3.3.2) are kept on write, in the same
-transaction as the hits, so they can never disagree with the rows they summarise.
+Rollups for analysts (4) and per-IP statistics (3.3.2) are kept on write, in the
+transaction of the hits or (SQLite's writer process, ``SQLiteStorage.write_batch``) of a
+batch up to a second later, with the hits' id ranges on record meanwhile, so they never
+disagree for long with the rows they summarise and a crash loses none of them.
 ``rebuilders`` recompute them from the visible raw hits for a time range, after
 governance changed which hits count (blocking, release, erasure: 6.2.4).
 """

@@ -73,6 +73,12 @@ class StorageSettings:
     # SQLite under ``collector serve``: one separate process stores every worker's batches,
     # so SQLite's work leaves the cores that answer pixels (docs/PERFORMANCE.md).
     writer_process: bool = True
+    # The writer process (the file's only writer) sums the rollups and IP statistics of
+    # up to this many consecutive batches (and at most ~1 s of them) before it writes
+    # them: their keys repeat across batches, so each costs less per hit
+    # (docs/PERFORMANCE.md, session 5). 1: every batch writes its own. A crash loses
+    # nothing: the next writer aggregates those hits from the stored rows.
+    aggregate_batches: int = 4
     # PostgreSQL only: connections per process, connect/statement timeout, daily hits
     # partitions created ahead, and the local spool that holds batches while it is down.
     pool_size: int = 10
@@ -341,6 +347,7 @@ def _validate(s: Settings) -> None:
                 f"server.trusted_proxies: {cidr!r} is not an IP network (CIDR)"
             ) from None
     positive("storage.batch_size", s.storage.batch_size)
+    positive("storage.aggregate_batches", s.storage.aggregate_batches)
     positive("storage.flush_interval_ms", s.storage.flush_interval_ms)
     positive("storage.queue_size", s.storage.queue_size)
     if s.storage.queue_wait_ms < 0:

@@ -1,6 +1,7 @@
 """Per-IP and per-network statistics (3.3.2 fraud control and troubleshooting, 4.1.4).
 
-Kept on write by ``IpStatsAggregator`` inside each batch transaction, per UTC day:
+Kept on write by ``IpStatsAggregator`` in the batch writer's transactions (summed over
+up to ``storage.aggregate_batches`` batches by SQLite's writer process), per UTC day:
 hits, bot hits, hits without a page, first and last seen (``ipstat_daily``), hits per
 minute (``ipstat_minute``; the day's peak per minute is their maximum, taken when read),
 and exact distinct visitor ids, user agents and countries per IP and network, and IPs
@@ -19,7 +20,7 @@ being recorded and the writer's block list picking it up is therefore counted un
 that rebuild runs; the governance code rebuilds after the list has settled.
 
 Duplicates within one batch are dropped in memory. A returning visitor's value row is
-usually stored already: ``cached`` (used by the SQLite writer) leaves out the rows this
+usually stored already: ``window`` (used by the SQLite writer) leaves out the rows this
 process wrote before. ``rebuild``, ``erase_subject`` and ``purge`` (run by another
 connection, process or node) delete value rows, and a cache that still believed in them
 would skip their re-insertion and undercount, so each of them bumps the rewrite
@@ -47,7 +48,7 @@ from collector import rewrites
 from collector.config import Settings
 from collector.fraud import crawler_of
 from collector.storage.base import Batch, Dialect, HitRow, Statement, Transaction
-from collector.visibility import VISIBLE
+from collector.visibility import AGGREGATED, VISIBLE
 
 DAY_MS = 86_400_000
 MINUTE_MS = 60_000
@@ -174,50 +175,69 @@ def _statements(
     facts: Iterable[tuple[Any, ...]], known: set[Combo] | frozenset[Combo]
 ) -> tuple[list[Statement], set[Combo]]:
     """``statements``, leaving out value rows in ``known``; also the combinations kept."""
-    days: dict[int, str] = {}
-    # (day, ip) -> [hits, bot hits, no-page hits, first_ms, last_ms]
-    per_ip: dict[tuple[str, str], list[int]] = {}
-    per_minute: Counter[tuple[str, str, int]] = Counter()
-    combos: set[Combo] = set()
-    for ts, ip, vid, ua, family, device, page, country in facts:
-        key_day = ts // DAY_MS
-        day = days.get(key_day)
-        if day is None:
-            day = days[key_day] = day_of(ts)
-        key = (day, ip)
-        row = per_ip.get(key)
-        if row is None:
-            row = per_ip[key] = [0, 0, 0, ts, ts]
-        row[0] += 1
-        if ts < row[3]:
-            row[3] = ts
-        elif ts > row[4]:
-            row[4] = ts
-        per_minute[(day, ip, ts // MINUTE_MS)] += 1
-        bot = device == "bot"
-        if bot:
-            row[1] += 1
-        if not page:
-            row[2] += 1
-        combos.add((day, ip, vid, ua_key(ua), country or "", family if bot else ""))
-    if not per_ip:
-        return [], combos
-    if known:
-        # Membership tests only: ``known`` may grow from another thread meanwhile.
-        combos = {c for c in combos if c not in known}
-    # Sorted by primary key (net follows from ip), so that concurrent PostgreSQL
-    # writers take row locks in one order.
-    return [
-        (
-            _UPSERT_DAILY,
-            sorted((day, ip, network_of(ip), *row) for (day, ip), row in per_ip.items()),
-        ),
-        (
-            _UPSERT_MINUTE,
-            sorted((day, ip, m, network_of(ip), n) for (day, ip, m), n in per_minute.items()),
-        ),
-        (_INSERT_VALUE, sorted((*c, network_of(c[1])) for c in combos)),
-    ], combos
+    acc = _Accumulator()
+    acc.add(facts)
+    return acc.result(known)
+
+
+class _Accumulator:
+    """Per-IP sums and distinct value combinations of the facts added so far (one batch,
+    or the several batches of a writer's aggregation window)."""
+
+    def __init__(self) -> None:
+        self.days: dict[int, str] = {}
+        # (day, ip) -> [hits, bot hits, no-page hits, first_ms, last_ms]
+        self.per_ip: dict[tuple[str, str], list[int]] = {}
+        self.per_minute: Counter[tuple[str, str, int]] = Counter()
+        self.combos: set[Combo] = set()
+
+    def add(self, facts: Iterable[tuple[Any, ...]]) -> None:
+        days, per_ip, per_minute, combos = self.days, self.per_ip, self.per_minute, self.combos
+        for ts, ip, vid, ua, family, device, page, country in facts:
+            key_day = ts // DAY_MS
+            day = days.get(key_day)
+            if day is None:
+                day = days[key_day] = day_of(ts)
+            key = (day, ip)
+            row = per_ip.get(key)
+            if row is None:
+                row = per_ip[key] = [0, 0, 0, ts, ts]
+            row[0] += 1
+            if ts < row[3]:
+                row[3] = ts
+            elif ts > row[4]:
+                row[4] = ts
+            per_minute[(day, ip, ts // MINUTE_MS)] += 1
+            bot = device == "bot"
+            if bot:
+                row[1] += 1
+            if not page:
+                row[2] += 1
+            combos.add((day, ip, vid, ua_key(ua), country or "", family if bot else ""))
+
+    def result(self, known: set[Combo] | frozenset[Combo]) -> tuple[list[Statement], set[Combo]]:
+        """The upserts, leaving out value rows in ``known``; also the combinations kept."""
+        combos = self.combos
+        if not self.per_ip:
+            return [], combos
+        if known:
+            # Membership tests only: ``known`` may grow from another thread meanwhile.
+            combos = {c for c in combos if c not in known}
+        # Sorted by primary key (net follows from ip), so that concurrent PostgreSQL
+        # writers take row locks in one order.
+        return [
+            (
+                _UPSERT_DAILY,
+                sorted((day, ip, network_of(ip), *row) for (day, ip), row in self.per_ip.items()),
+            ),
+            (
+                _UPSERT_MINUTE,
+                sorted(
+                    (day, ip, m, network_of(ip), n) for (day, ip, m), n in self.per_minute.items()
+                ),
+            ),
+            (_INSERT_VALUE, sorted((*c, network_of(c[1])) for c in combos)),
+        ], combos
 
 
 def unconsented_statements(items: Sequence[tuple[int, str, str]]) -> list[Statement]:
@@ -253,9 +273,11 @@ def unconsented_statements(items: Sequence[tuple[int, str, str]]) -> list[Statem
 class IpStatsAggregator:
     """The ``Aggregator`` for IP statistics; also purges expired unconsented counters.
 
-    Called plainly it is a pure function of the batch. ``cached`` (for a storage that
-    reads ``generation_sql`` inside each batch transaction, like SQLite's) also leaves
-    out the value rows this process stored before under the same rewrite generation.
+    Called plainly it is a pure function of the batch (PostgreSQL). ``window`` (for a
+    storage that reads ``generation_sql`` inside each batch transaction, like SQLite's)
+    aggregates one batch or several and also leaves out the value rows this process
+    stored before under the same rewrite generation; ``per_batch`` is then what each
+    batch must still write itself.
     """
 
     generation_sql = rewrites.GENERATION_SQL
@@ -270,24 +292,24 @@ class IpStatsAggregator:
     def __call__(self, batch: Batch, dialect: Dialect) -> list[Statement]:
         return self._with(statements(_fact(row) for row in batch.hits), batch)
 
-    def cached(
-        self, batch: Batch, dialect: Dialect, generation: int
-    ) -> tuple[list[Statement], Callable[[], None]]:
-        """Statements valid if ``generation`` is current when they run, and what to call
-        once their transaction committed."""
+    def window(self, generation: int) -> _IpWindow:
+        """An aggregation window over one or more batches; its statements are valid if
+        ``generation`` is current when they run (``base.WindowedAggregator``)."""
         if generation != self._generation:
             self._generation, self._known = generation, set()
-        known = self._known
-        found, written = _statements(map(_fact_fields, batch.hits), known)
+        return _IpWindow(self, generation)
 
-        def committed() -> None:
-            if generation != self._generation or known is not self._known:
-                return  # the cache was reset meanwhile: these rows prove nothing now
-            if len(known) + len(written) > self._LIMIT:
-                known.clear()
-            known.update(written)
+    def per_batch(self, batch: Batch) -> list[Statement]:
+        """What cannot wait for a window: the unconsented counters have no raw rows
+        behind them, so a window lost in a crash could not be caught up for them."""
+        return self._with([], batch)
 
-        return self._with(found, batch), committed
+    def _remember(self, written: set[Combo], generation: int, known: set[Combo]) -> None:
+        if generation != self._generation or known is not self._known:
+            return  # the cache was reset meanwhile: these rows prove nothing now
+        if len(known) + len(written) > self._LIMIT:
+            known.clear()
+        known.update(written)
 
     def forget(self) -> None:
         self._generation, self._known = None, set()
@@ -301,6 +323,22 @@ class IpStatsAggregator:
             self._purged = now
             found += unconsented_purge(int(time.time() * 1000), self.keep_days)
         return found
+
+
+class _IpWindow:
+    """The consented IP statistics of a writer's window (``IpStatsAggregator.window``)."""
+
+    def __init__(self, owner: IpStatsAggregator, generation: int) -> None:
+        self._owner, self._generation, self._known = owner, generation, owner._known
+        self._acc = _Accumulator()
+
+    def add(self, hits: Sequence[HitRow]) -> None:
+        self._acc.add(map(_fact_fields, hits))
+
+    def statements(self) -> tuple[list[Statement], Callable[[], None]]:
+        found, written = self._acc.result(self._known)
+        owner, generation, known = self._owner, self._generation, self._known
+        return found, lambda: owner._remember(written, generation, known)
 
 
 def unconsented_purge(now_ms: int, keep_days: int) -> list[Statement]:
@@ -331,7 +369,7 @@ async def rebuild(tx: Transaction, from_ms: int, to_ms: int) -> None:
     while True:
         found = await tx.fetch_all(
             f"SELECT id, {FACT_COLUMNS} FROM hits WHERE ts_ms >= ? AND ts_ms < ? AND id > ? "
-            f"AND {VISIBLE} ORDER BY id LIMIT {_REBUILD_PAGE}",
+            f"AND {VISIBLE} AND {AGGREGATED} ORDER BY id LIMIT {_REBUILD_PAGE}",
             [start, end, last_id],
         )
         if not found:

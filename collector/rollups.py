@@ -1,10 +1,12 @@
 """Analyst rollups: hits and visitor sketches per hour/day and dimension (issue 4; 3.4, 6.2.2).
 
-Kept **on write**, inside each batch transaction (an ``Aggregator``), rather than by a
-periodic job: the rollups are exact and never lag the hits they summarise (the dashboard
-shows the last minute), there is no job to schedule, watch or catch up after downtime,
-and the cost is small because each batch is pre-aggregated in Python first: a batch of
-1,000 hits becomes one upsert per distinct (bucket, dimension, value), not per hit.
+Kept **on write**, in the batch writer's transactions (an ``Aggregator``), rather than
+by a periodic job: the rollups are exact and lag the hits they summarise by a second at
+most (the dashboard shows the last minute), there is no job to schedule, watch or catch
+up after downtime, and the cost is small because batches are pre-aggregated in Python
+first: a batch of 1,000 hits becomes one upsert per distinct (bucket, dimension, value),
+not per hit. SQLite's writer process sums up to ``storage.aggregate_batches`` batches
+before it writes (``SQLiteStorage.write_batch``; a crash loses none of them).
 
 Dimensions: page (path of the page URL, the same path as ``pixel_counts``), referrer
 domain, placement id, browser family, OS family, device class, country and source
@@ -41,7 +43,7 @@ import datetime as dt
 import functools
 import hashlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -54,7 +56,7 @@ from collector.dimensions import (
 )
 from collector.enrich import referrer_domain
 from collector.storage.base import HIT_COLUMNS, Batch, Dialect, HitRow, Statement, Transaction
-from collector.visibility import VISIBLE
+from collector.visibility import AGGREGATED, VISIBLE
 
 logger = logging.getLogger(__name__)
 
@@ -380,9 +382,10 @@ class Accumulator:
 class Rollups:
     """The ``Aggregator`` for analyst rollups (registered in ``collector.aggregates``).
 
-    Called plainly it is a pure function of the batch. A storage that reads
-    ``generation_sql`` inside each batch transaction may call ``cached`` instead, which
-    leaves out registers a ``RegisterCache`` proves redundant (SQLite does).
+    Called plainly it is a pure function of the batch (PostgreSQL). A storage that reads
+    ``generation_sql`` inside each batch transaction may aggregate through ``window``
+    instead, over one batch or several, which leaves out registers a ``RegisterCache``
+    proves redundant (SQLite does).
     """
 
     generation_sql = rewrites.GENERATION_SQL
@@ -395,29 +398,45 @@ class Rollups:
         acc.add_all(batch.hits)
         return acc.statements()
 
-    def cached(
-        self, batch: Batch, dialect: Dialect, generation: int
-    ) -> tuple[list[Statement], Callable[[], None]]:
-        """Statements valid if ``generation`` is current when they run, and what to call
-        once their transaction committed."""
+    def window(self, generation: int) -> _RollupWindow:
+        """An aggregation window over one or more batches; its statements are valid if
+        ``generation`` is current when they run (``base.WindowedAggregator``). It leaves
+        out registers the ``RegisterCache`` proves redundant."""
         cache = self._cache
         if cache.generation != generation:
             cache.reset(generation)
-        acc = Accumulator(cache.known, cache.visits)
-        acc.add_all(batch.hits)
-        out = acc.statements()
-        written, visits = acc.written, acc.visits
-        return out, lambda: cache.merge(written, visits, generation)
+        return _RollupWindow(cache, generation)
+
+    def per_batch(self, batch: Batch) -> list[Statement]:
+        return []  # every rollup can be recomputed from the raw hits
 
     def forget(self) -> None:
         self._cache = RegisterCache()
+
+
+class _RollupWindow:
+    """The rollups of a writer's window (``Rollups.window``)."""
+
+    def __init__(self, cache: RegisterCache, generation: int) -> None:
+        self._cache, self._generation = cache, generation
+        self._acc = Accumulator(cache.known, cache.visits)
+
+    def add(self, hits: Sequence[HitRow]) -> None:
+        self._acc.add_all(hits)
+
+    def statements(self) -> tuple[list[Statement], Callable[[], None]]:
+        acc, cache, generation = self._acc, self._cache, self._generation
+        out = acc.statements()
+        written, visits = acc.written, acc.visits
+        return out, lambda: cache.merge(written, visits, generation)
 
 
 async def rebuild(tx: Transaction, from_ms: int, to_ms: int) -> None:
     """Recompute every rollup for the hours/days overlapping [from_ms, to_ms).
 
     Reads only ``VISIBLE`` hits, so a blocked or erased subject drops out of the rollups
-    and an unblocked one comes back (6.2.4). Never call it from retention: rollups are
+    and an unblocked one comes back (6.2.4); hits a writer's window still holds are
+    left to that writer (``AGGREGATED``). Never call it from retention: rollups are
     meant to outlive purged raw hits. Days before the purge floor (``mark_purged``) are
     skipped, since the rollups are the only record of them.
     """
@@ -500,7 +519,7 @@ async def _rebuild_day(tx: Transaction, day: int, columns: str) -> None:
     ):
         await tx.execute(sql, params)
     rows = await tx.fetch_all(
-        f"SELECT {columns} FROM hits WHERE ts_ms >= ? AND ts_ms < ? AND {VISIBLE}",
+        f"SELECT {columns} FROM hits WHERE ts_ms >= ? AND ts_ms < ? AND {VISIBLE} AND {AGGREGATED}",
         [day, nxt],
     )
     acc = Accumulator()

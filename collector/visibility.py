@@ -17,3 +17,10 @@ VISIBLE = (
     "OR (b.kind = 'network' AND EXISTS "
     "(SELECT 1 FROM block_ips m WHERE m.block_id = b.id AND m.ip = hits.ip)))"
 )
+
+# Hits whose aggregates a writer still holds in its window (migration 0012). A rebuild
+# leaves them out: the writer adds them when its window ends, or -- when the rebuild's
+# rewrite voided its window -- aggregates them from these raw rows itself.
+AGGREGATED = (
+    "NOT EXISTS (SELECT 1 FROM aggregate_pending p WHERE hits.id BETWEEN p.first_id AND p.last_id)"
+)

@@ -128,7 +128,7 @@ class Sink(Protocol):
 
     filters: list[Filter]
 
-    async def prepare(self, items: Sequence[Item]) -> Any: ...
+    async def prepare(self, items: Sequence[Item], hold: bool) -> Any: ...
 
     async def deliver(self, job: Any) -> Tally: ...
 
@@ -141,8 +141,10 @@ class LocalSink:
         self.builder = builder
         self.filters = builder.filters
 
-    async def prepare(self, items: Sequence[Item]) -> tuple[Batch, Counter[str]]:
-        return await self.builder.build(items)
+    async def prepare(self, items: Sequence[Item], hold: bool) -> tuple[Batch, Counter[str]]:
+        batch, dropped = await self.builder.build(items)
+        batch.hold = hold
+        return batch, dropped
 
     async def deliver(self, job: tuple[Batch, Counter[str]]) -> Tally:
         batch, dropped = job
@@ -188,6 +190,7 @@ class BatchWriter:
         self._space: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._flushing = 0  # flush() calls waiting
         self._dropped_full = metrics.hits_dropped.labels("queue_full")
         self._dropped_err = metrics.hits_dropped.labels("storage_error")
         self._last_drop_log = 0.0
@@ -271,10 +274,14 @@ class BatchWriter:
         """Wait until everything queued so far is stored (tests, backups, shutdown)."""
         if self._wake is None:
             return
-        self._wake.set()
-        while self._buf or self._in_flight:
+        self._flushing += 1  # the batches cut meanwhile write their aggregates too
+        try:
             self._wake.set()
-            await asyncio.sleep(0.002)
+            while self._buf or self._in_flight:
+                self._wake.set()
+                await asyncio.sleep(0.002)
+        finally:
+            self._flushing -= 1
 
     # --- consumer side --------------------------------------------------------------------
 
@@ -304,7 +311,9 @@ class BatchWriter:
             self._in_flight = min(len(self._buf), self.batch_size)
             backlog = len(self._buf) > self._in_flight
             try:
-                await self._store(self._take(self._in_flight))
+                # Aggregates may wait for the next batches unless someone waits for them.
+                hold = not (self._stopping or self._flushing)
+                await self._store(self._take(self._in_flight), hold)
             finally:
                 self._in_flight = 0
                 if self._space is not None:
@@ -323,8 +332,8 @@ class BatchWriter:
         del self._buf[:n]
         return items
 
-    async def _store(self, items: list[Item]) -> None:
-        job = await self.sink.prepare(items)
+    async def _store(self, items: list[Item], hold: bool) -> None:
+        job = await self.sink.prepare(items, hold)
         consented = _consented(items)
         del items
         delay = 0.05

@@ -70,16 +70,17 @@ def encode_batch(batch: Batch, dropped: Counter[str]) -> bytes:
             dict(batch.pixel_counts),
             list(batch.unconsented_ips),
             dict(dropped),
+            batch.hold,
         )
     )
 
 
 def decode_batch(data: bytes) -> tuple[Batch, Counter[str]]:
-    hits, counts, unconsented, dropped = marshal.loads(data)
+    hits, counts, unconsented, dropped, hold = marshal.loads(data)
     # ``HitRow._make`` is a Python-level classmethod call per hit; the frames come from
     # our own workers (a 0700 socket) and carry whole rows, so they are typed directly.
     rows: list[HitRow] = [_tuple(HitRow, h) for h in hits]
-    batch = Batch(hits=rows, pixel_counts=counts, unconsented_ips=unconsented)
+    batch = Batch(hits=rows, pixel_counts=counts, unconsented_ips=unconsented, hold=hold)
     return batch, Counter(dropped)
 
 
@@ -116,8 +117,9 @@ class RemoteSink:
         self._lock = asyncio.Lock()
         self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
-    async def prepare(self, items: Sequence[Item]) -> bytes:
+    async def prepare(self, items: Sequence[Item], hold: bool) -> bytes:
         batch, dropped = await self.builder.build(items)
+        batch.hold = hold
         return encode_batch(batch, dropped)
 
     async def deliver(self, job: bytes) -> Tally:
@@ -208,7 +210,7 @@ async def run_writer(socket_path: str, stop: asyncio.Event) -> None:
 
     settings = resolve_secret(load_settings(os.environ.get("COLLECTOR_CONFIG") or None))
     configure_logging(settings.server)
-    storage = open_storage(settings, aggregators(settings))
+    storage = open_storage(settings, aggregators(settings), sole_writer=True)
     lock = DatabaseLock(Path(settings.storage.path))
     await storage.open()
     await lock.acquire_shared()

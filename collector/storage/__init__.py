@@ -8,10 +8,17 @@ from collector.config import Settings
 from collector.storage.base import Aggregator, Storage
 
 
-def open_storage(settings: Settings, aggregators: Sequence[Aggregator] = ()) -> Storage:
+def open_storage(
+    settings: Settings,
+    aggregators: Sequence[Aggregator] = (),
+    *,
+    sole_writer: bool = False,
+) -> Storage:
     """The configured backend, not yet opened (call ``await storage.open()``).
 
     ``aggregators`` run inside every batch transaction (see ``base.Aggregator``).
+    ``sole_writer``: no other process writes hits to this SQLite file (the writer
+    process), so aggregates may be summed over several batches.
     PostgreSQL comes wrapped in the local spool that keeps hits through an outage.
     """
     if settings.storage.backend == "postgres":
@@ -24,7 +31,7 @@ def open_storage(settings: Settings, aggregators: Sequence[Aggregator] = ()) -> 
         )
     from collector.storage.sqlite import SQLiteStorage
 
-    return SQLiteStorage(settings, aggregators)
+    return SQLiteStorage(settings, aggregators, sole_writer=sole_writer)
 
 
 async def drop_partitions_before(storage: Storage, ts_ms: int) -> int:

@@ -7,9 +7,9 @@ answers queries. Every backend (SQLite, PostgreSQL) passes the same contract tes
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 
 class RawHit(NamedTuple):
@@ -105,6 +105,10 @@ class Batch:
     # (ts_ms, ip, bot family or '') of requests without statistics consent, for the
     # per-IP security counters (3.3.2); empty unless [ipstats] without_consent is on.
     unconsented_ips: Sequence[tuple[int, str, str]] = ()
+    # The storage may keep this batch's aggregates back, to write them summed with the
+    # next batches' (``SQLiteStorage.write_batch``); False when someone waits for them
+    # (``BatchWriter.flush``, shutdown).
+    hold: bool = False
 
     def __len__(self) -> int:
         return len(self.hits)
@@ -124,6 +128,36 @@ class Aggregator(Protocol):
     """
 
     def __call__(self, batch: Batch, dialect: Dialect) -> Iterable[Statement]: ...
+
+
+class AggregateWindow(Protocol):
+    """Aggregates of the hits added over one or more batches, written once."""
+
+    def add(self, hits: Sequence[HitRow]) -> None: ...
+
+    def statements(self) -> tuple[list[Statement], Callable[[], None]]:
+        """The statements, and what to call once their transaction committed."""
+        ...
+
+
+@runtime_checkable
+class WindowedAggregator(Protocol):
+    """An aggregator that can sum several batches before it writes (SQLite's writer).
+
+    ``window(generation)``: statements valid if the rewrite generation read by
+    ``generation_sql`` (``collector.rewrites``) is still ``generation`` when they run;
+    they may leave out what a process-local cache proves stored. ``per_batch``: the
+    statements each batch must write itself (what has no raw rows to be recomputed from).
+    """
+
+    generation_sql: str
+
+    def window(self, generation: int) -> AggregateWindow: ...
+
+    def per_batch(self, batch: Batch) -> list[Statement]: ...
+
+    def forget(self) -> None:
+        """Empty the cache (the storage opened a database it may not describe)."""
 
 
 class Storage(Protocol):

@@ -13,17 +13,27 @@ import contextlib
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import aiosqlite
 
 from collector.config import Settings
 from collector.errors import StorageError
-from collector.storage.base import HIT_COLUMNS, Aggregator, Batch, Dialect, HitRow, Statement
+from collector.storage.base import (
+    HIT_COLUMNS,
+    AggregateWindow,
+    Aggregator,
+    Batch,
+    HitRow,
+    Statement,
+    WindowedAggregator,
+)
 from collector.storage.migrations import migrations
+from collector.visibility import VISIBLE
 
 logger = logging.getLogger(__name__)
 
@@ -71,27 +81,6 @@ def create_private_file(path: Path) -> None:
     os.close(fd)
 
 
-@runtime_checkable
-class CachingAggregator(Protocol):
-    """An aggregator that may leave out statements a process-local cache proves redundant.
-
-    The cache is only as good as the database it describes: ``generation_sql`` reads a
-    counter that every rewrite of the aggregate bumps (in any process), and the storage
-    reads it inside each batch transaction. ``cached(batch, dialect, generation)``
-    returns statements valid while ``generation`` is current, and a callable to run once
-    they committed (to teach the cache what they wrote).
-    """
-
-    generation_sql: str
-
-    def cached(
-        self, batch: Batch, dialect: Dialect, generation: int
-    ) -> tuple[list[Statement], Callable[[], None]]: ...
-
-    def forget(self) -> None:
-        """Empty the cache (the storage opened a database it may not describe)."""
-
-
 def hit_inserts(hits: Sequence[HitRow]) -> list[Statement]:
     """The inserts for a batch's hits: pixel hits through the narrow statement."""
     if not hits:
@@ -104,12 +93,80 @@ def hit_inserts(hits: Sequence[HitRow]) -> list[Statement]:
     return [(sql, rows) for sql, rows in ((_INSERT_PIXEL_HIT, pixel), (_INSERT_HIT, full)) if rows]
 
 
+_IDLE_S = 0.5  # a window nothing follows for this long ends on its own
+_MAX_AGE_S = 1.0  # and one that began this long ago ends with the next batch
+_ADD_PENDING = "INSERT INTO aggregate_pending (first_id, last_id) VALUES (?, ?)"
+_COUNT_PENDING = "SELECT count(*) FROM aggregate_pending"
+_CATCH_UP_PAGE = 5000
+_PENDING_HITS = (
+    f"SELECT id, {', '.join(HIT_COLUMNS)} FROM hits WHERE id > ? AND id <= ? AND {VISIBLE} "
+    f"ORDER BY id LIMIT {_CATCH_UP_PAGE}"
+)
+
+
+class _Window:
+    """Aggregates summed over consecutive batches (see ``SQLiteStorage.write_batch``)."""
+
+    __slots__ = ("batches", "generations", "parts", "ranges", "started")
+
+    def __init__(self, generations: dict[str, int], parts: list[AggregateWindow]) -> None:
+        self.generations = generations  # as read when it began: its sums assume them
+        self.parts = parts
+        self.batches = 0  # kept back so far
+        self.ranges = 0  # rows it put in aggregate_pending
+        self.started = time.monotonic()
+
+    def add(self, hits: Sequence[HitRow]) -> None:
+        for part in self.parts:
+            part.add(hits)
+
+    def statements(self) -> tuple[list[Statement], list[Callable[[], None]]]:
+        out: list[Statement] = []
+        committed: list[Callable[[], None]] = []
+        for part in self.parts:
+            found, done = part.statements()
+            out += [(sql, params) for sql, params in found if params]
+            committed.append(done)
+        return out, committed
+
+
+async def _max_id(conn: aiosqlite.Connection) -> int:
+    async with conn.execute("SELECT coalesce(max(id), 0) FROM hits") as cur:
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+def _union(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Overlapping id ranges merged (ids of erased rows can be used again)."""
+    out: list[tuple[int, int]] = []
+    for first, last in sorted(ranges):
+        if out and first <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], last))
+        else:
+            out.append((first, last))
+    return out
+
+
+def _hit_row(row: Sequence[Any]) -> HitRow:
+    return HitRow(*row[1:])
+
+
 class SQLiteStorage:
     """``Storage`` on one SQLite file."""
 
-    def __init__(self, settings: Settings, aggregators: Sequence[Aggregator] = ()) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        aggregators: Sequence[Aggregator] = (),
+        *,
+        sole_writer: bool = False,
+    ) -> None:
         self.settings = settings
         self.aggregators = tuple(aggregators)
+        # Windows span batches only in a process that is the file's one writer (the
+        # writer process): see ``write_batch``.
+        self._sole = sole_writer
+        self.window_batches = settings.storage.aggregate_batches if sole_writer else 1
         self.path = Path(settings.storage.path)
         self._write: aiosqlite.Connection | None = None
         self._read: aiosqlite.Connection | None = None
@@ -117,9 +174,17 @@ class SQLiteStorage:
         # join, or roll back with, a hit batch; a lock keeps their transactions whole.
         self._admin: aiosqlite.Connection | None = None
         self._admin_lock = asyncio.Lock()
-        self._caching = [a for a in self.aggregators if isinstance(a, CachingAggregator)]
-        # The rewrite generation each caching aggregator's cache was last checked against.
+        self._windowed = [a for a in self.aggregators if isinstance(a, WindowedAggregator)]
+        self._plain = [a for a in self.aggregators if not isinstance(a, WindowedAggregator)]
+        # The rewrite generation each windowed aggregator's cache was last checked against.
         self._generations: dict[str, int] = {}
+        self._window: _Window | None = None
+        # Ranges in ``aggregate_pending`` that no window of ours holds (left by a writer
+        # that died, or by a window we had to drop): the next write aggregates them.
+        self._catch_up = False
+        self._batch_lock = asyncio.Lock()
+        self._idle: asyncio.TimerHandle | None = None
+        self._idle_tasks: set[asyncio.Task[None]] = set()
 
     async def _connect(self, *, readonly: bool) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
@@ -149,9 +214,12 @@ class SQLiteStorage:
             create_private_file(self.path)
             self._write = await self._connect(readonly=False)
             await self._migrate(self._write)
-            for aggregate in self._caching:
+            for aggregate in self._windowed:
                 aggregate.forget()
             self._generations = await self._read_generations(self._write)
+            if self._sole:
+                async with self._write.execute("SELECT 1 FROM aggregate_pending LIMIT 1") as c:
+                    self._catch_up = await c.fetchone() is not None
             self._read = await self._connect(readonly=True)
             self._read.row_factory = sqlite3.Row
             self._admin = await self._connect(readonly=False)
@@ -159,6 +227,13 @@ class SQLiteStorage:
         except (sqlite3.Error, OSError) as exc:
             await self.close()
             raise StorageError(f"cannot open SQLite database {self.path}: {exc}") from exc
+        if self._catch_up:
+            # The writer before us died with a window open: its hits are stored, their
+            # aggregates are made now from the rows (a failure leaves it to the next batch).
+            try:
+                await self.write_batch(Batch())
+            except StorageError as exc:
+                logger.error("catching up pending aggregates failed: %s", exc.detail)
 
     async def _migrate(self, conn: aiosqlite.Connection) -> None:
         await conn.execute(
@@ -188,6 +263,14 @@ class SQLiteStorage:
                 raise
 
     async def close(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        if self._write is not None and (self._window is not None or self._catch_up):
+            try:
+                await self.write_batch(Batch())  # the window's aggregates, before we go
+            except StorageError as exc:
+                logger.error("aggregates left for the next start to catch up: %s", exc.detail)
         for attr in ("_read", "_admin", "_write"):
             conn = getattr(self, attr)
             setattr(self, attr, None)
@@ -212,63 +295,177 @@ class SQLiteStorage:
     def _statements(
         self, batch: Batch, generations: dict[str, int]
     ) -> tuple[list[Statement], list[Callable[[], None]]]:
+        """Everything one batch writes when it is its own window (bench.micro_statements)."""
+        window = self._new_window(generations)
+        out = self._batch_statements(batch, window)
+        found, committed = window.statements()
+        return out + found, committed
+
+    def _new_window(self, generations: dict[str, int]) -> _Window:
+        parts = [a.window(generations.get(a.generation_sql, -1)) for a in self._windowed]
+        return _Window(generations, parts)
+
+    def _batch_statements(self, batch: Batch, window: _Window) -> list[Statement]:
+        """The batch's own statements; its hits go into ``window``'s aggregates."""
         out = hit_inserts(batch.hits)
         if batch.pixel_counts:
             out.append((_UPSERT_COUNT, [(*key, n) for key, n in batch.pixel_counts.items()]))
-        committed: list[Callable[[], None]] = []
-        for aggregate in self.aggregators:
-            if isinstance(aggregate, CachingAggregator):
-                found, done = aggregate.cached(
-                    batch, "sqlite", generations.get(aggregate.generation_sql, -1)
-                )
-                committed.append(done)
-            else:
-                found = list(aggregate(batch, "sqlite"))
-            out += [(sql, params) for sql, params in found if params]
-        return out, committed
+        for aggregate in self._windowed:
+            out += [(sql, params) for sql, params in aggregate.per_batch(batch) if params]
+        for plain in self._plain:
+            out += [(sql, params) for sql, params in plain(batch, "sqlite") if params]
+        if batch.hits:
+            window.add(batch.hits)
+        return out
 
     async def _read_generations(self, conn: aiosqlite.Connection) -> dict[str, int]:
         found: dict[str, int] = {}
-        for sql in {a.generation_sql for a in self._caching}:
+        for sql in {a.generation_sql for a in self._windowed}:
             async with conn.execute(sql) as cur:
                 row = await cur.fetchone()
             found[sql] = int(row[0]) if row else 0
         return found
 
     async def write_batch(self, batch: Batch) -> None:
+        """Store ``batch`` in one transaction, with its aggregates or keeping them back.
+
+        The aggregates (rollups, IP statistics) are summed in a ``_Window``. Normally
+        each batch is its own window. In the writer process, the file's one writer, a
+        batch that allows it (``batch.hold``: nobody waits on a flush) leaves its
+        aggregates in the window for the next batches, up to ``storage.aggregate_batches``
+        batches and ``_MAX_AGE_S``: keys repeat across batches, so a window costs less
+        per hit than its batches would alone. Aggregates thus lag the hits by about a
+        second at most.
+        Kept-back batches record their id range in ``aggregate_pending`` in their own
+        transaction; the window's end writes the aggregates and deletes the ranges in
+        one transaction. So a crash loses no aggregate (the next writer aggregates the
+        ranges from the raw rows), and a rebuild meanwhile leaves those hits to us
+        (``visibility.AGGREGATED``). When a rewrite moved the generation (a rebuild, an
+        erasure, retention), the window is dropped and its ranges are aggregated from
+        the raw rows as they now are. A window with nothing after it ends within
+        ``_IDLE_S`` or at ``close``.
+        """
+        async with self._batch_lock:
+            await self._write_batch(batch)
+
+    async def _write_batch(self, batch: Batch) -> None:
         conn = self.writer
+        window = self._window or self._new_window(self._generations)
+        # A window that must first catch up ends now, so pending ranges stay few.
+        keep_back = (
+            batch.hold
+            and not self._catch_up
+            and window.batches + 1 < self.window_batches
+            and time.monotonic() - window.started < _MAX_AGE_S
+        )
         # Pre-aggregating a batch is several us of Python per hit; in a worker thread the
         # GIL switch interval lets the event loop answer pixels meanwhile (p99), where
         # running it inline stalled the loop for the whole batch.
-        assumed = self._generations
-        if self.aggregators:
-            statements, committed = await asyncio.to_thread(self._statements, batch, assumed)
-        else:
-            statements, committed = self._statements(batch, assumed)
+        statements, ended = await asyncio.to_thread(self._prepare, batch, window, keep_back)
+        current = self._generations
         try:
             await conn.execute("BEGIN IMMEDIATE")
             try:
-                if self._caching:
+                if self._windowed:
                     current = await self._read_generations(conn)
-                    if current != assumed:
-                        # Another connection or process rewrote aggregates since the
-                        # caches were last checked: prepare again under the new
-                        # generation (the caches start empty).
-                        self._generations = assumed = current
-                        statements, committed = await asyncio.to_thread(
-                            self._statements, batch, current
-                        )
+                first = await _max_id(conn) + 1
                 for sql, params in statements:
                     await conn.executemany(sql, params)
+                last = await _max_id(conn)
+                stale = self._catch_up or current != window.generations
+                if keep_back:
+                    if last >= first:
+                        await conn.execute(_ADD_PENDING, (first, last))
+                        window.ranges += 1
+                else:
+                    if not stale and window.ranges:
+                        # Another writer's catch-up may have taken our ranges (a topology
+                        # we do not run, but then our sums would count twice).
+                        async with conn.execute(_COUNT_PENDING) as cur:
+                            row = await cur.fetchone()
+                        stale = row is None or row[0] != window.ranges
+                    if stale:
+                        window = await self._caught_up(conn, current, (first, last))
+                        ended = await asyncio.to_thread(window.statements)
+                    assert ended is not None
+                    for sql, params in ended[0]:
+                        await conn.executemany(sql, params)
+                    if self._sole:
+                        await conn.execute("DELETE FROM aggregate_pending")
                 await conn.execute("COMMIT")
             except BaseException:
+                # This batch's hits may be in the window's sums but not in the file; the
+                # ranges of the batches kept back before it are made from the rows.
+                self._window = None
+                self._catch_up = self._sole
                 if conn.in_transaction:
                     await conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
             raise StorageError(f"writing {len(batch)} hits failed: {exc}") from exc
-        for done in committed:
+        self._generations = current
+        if keep_back:
+            if stale:  # the sums are void; the ranges are aggregated from the rows later
+                self._window, self._catch_up = None, True
+            else:
+                window.batches += 1
+                self._window = window
+            self._end_when_idle()
+            return
+        self._window, self._catch_up = None, False
+        assert ended is not None
+        for done in ended[1]:
             done()
+
+    def _prepare(
+        self, batch: Batch, window: _Window, keep_back: bool
+    ) -> tuple[list[Statement], tuple[list[Statement], list[Callable[[], None]]] | None]:
+        statements = self._batch_statements(batch, window)
+        return statements, None if keep_back else window.statements()
+
+    async def _caught_up(
+        self, conn: aiosqlite.Connection, generations: dict[str, int], batch: tuple[int, int]
+    ) -> _Window:
+        """A fresh window over every pending range and ``batch``'s ids, from the rows as
+        they are now (visible hits only: a block or erasure may have come meanwhile)."""
+        window = self._new_window(generations)
+        ranges: list[tuple[int, int]] = []
+        if self._sole:  # another writer's ranges are its own to end
+            async with conn.execute("SELECT first_id, last_id FROM aggregate_pending") as cur:
+                ranges = [(int(a), int(b)) for a, b in await cur.fetchall()]
+        if batch[1] >= batch[0]:
+            ranges.append(batch)
+        for first, last in _union(ranges):
+            after = first - 1
+            while True:
+                async with conn.execute(_PENDING_HITS, (after, last)) as cur:
+                    rows = list(await cur.fetchall())
+                if not rows:
+                    break
+                after = int(rows[-1][0])
+                await asyncio.to_thread(window.add, [_hit_row(r) for r in rows])
+        return window
+
+    def _end_when_idle(self) -> None:
+        """End a kept-back window that nothing follows (a worker stopped, traffic ended)."""
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = asyncio.get_running_loop().call_later(_IDLE_S, self._idle_end)
+
+    def _idle_end(self) -> None:
+        self._idle = None
+        task = asyncio.get_running_loop().create_task(self._end_window())
+        self._idle_tasks.add(task)
+        task.add_done_callback(self._idle_tasks.discard)
+
+    async def _end_window(self) -> None:
+        if self._write is None or (self._window is None and not self._catch_up):
+            return
+        try:
+            await self.write_batch(Batch())
+        except StorageError as exc:
+            logger.warning("ending an aggregation window failed, retrying: %s", exc.detail)
+            self._end_when_idle()
 
     async def ping(self) -> bool:
         try:
