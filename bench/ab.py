@@ -27,7 +27,10 @@ def _variant(text: str) -> tuple[str, dict[str, str]]:
     return name, env
 
 
-def main(argv: list[str] | None = None) -> dict[str, list[tuple[float, float, float, float]]]:
+Rounds = dict[str, list[tuple[float, float, float, float, float]]]
+
+
+def main(argv: list[str] | None = None) -> Rounds:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("variants", nargs="+", type=_variant)
     ap.add_argument("--rounds", type=int, default=3)
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[tuple[float, float, fl
     data = work / "mix.tsv"
     build_mix().write_lua_data(data)
     servers: dict[str, Server] = {"bare": start_bare(work, collector_env(work / "bare.db"))}
-    results: dict[str, list[tuple[float, float, float, float]]] = {"bare": []}
+    results: Rounds = {"bare": []}
     try:
         for name, env in args.variants:
             servers[name] = start_collector(
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[tuple[float, float, fl
                         (after[0] - before[0]) / n * 1e6,
                         (after[1] - before[1]) / n * 1e6,
                         out["p99_us"] / 1000,
+                        out["wrk_cpu_us"],
                     )
                 )
                 time.sleep(0.5)
@@ -73,10 +77,10 @@ def main(argv: list[str] | None = None) -> dict[str, list[tuple[float, float, fl
             server.stop()
     bare = statistics.median(r[0] for r in results["bare"])
     for name, rows in results.items():
-        rps, serving, writer, p99 = (statistics.median(r[i] for r in rows) for i in range(4))
+        rps, serving, writer, p99, load = (statistics.median(r[i] for r in rows) for i in range(5))
         print(
             f"{name:12} {rps:8.0f} req/s  /bare {rps / bare:.2f}  serving {serving:5.1f} us"
-            f"  writer {writer:5.1f} us  p99 {p99:.1f} ms"
+            f"  writer {writer:5.1f} us  wrk {load:5.1f} us  p99 {p99:.1f} ms"
         )
     return results
 

@@ -7,6 +7,10 @@ per hit for the Python preparation and for each statement and the COMMIT: the ta
 behind the choice of ``storage.batch_size`` (docs/PERFORMANCE.md, session 3).
 
     python -m bench.micro_statements [--hits 200000] [--batch-sizes 2000,8000] [--prefill N]
+                                     [--window K]
+
+``--window K`` sums the aggregates of K consecutive batches before writing them, as the
+writer process does (``storage.aggregate_batches``; session 5).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import sqlite3
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.micro_writer import _visits
@@ -25,7 +30,9 @@ from collector.storage.base import HitRow
 from collector.storage.sqlite import SQLiteStorage
 
 
-def _measure(rows: list[HitRow], size: int, work: Path, prefill: list[HitRow]) -> None:
+def _measure(
+    rows: list[HitRow], size: int, work: Path, prefill: list[HitRow], window: int = 1
+) -> None:
     from collector.aggregates import aggregators
     from collector.config import load_settings
     from collector.storage.base import Batch
@@ -55,10 +62,16 @@ def _measure(rows: list[HitRow], size: int, work: Path, prefill: list[HitRow]) -
     count: Counter[str] = Counter()
     prepare = 0.0
     started = time.process_time()
-    for i in range(0, len(rows), size):
+    summing = storage._new_window(generations)
+    for k, i in enumerate(range(0, len(rows), size)):
         batch = Batch(hits=rows[i : i + size])
         t = time.process_time()
-        statements, committed = storage._statements(batch, generations)
+        statements = storage._batch_statements(batch, summing)
+        committed: list[Callable[[], None]] = []
+        if (k + 1) % window == 0 or i + size >= len(rows):
+            found, committed = summing.statements()
+            statements += found
+            summing = storage._new_window(generations)
         prepare += time.process_time() - t
         conn.execute("BEGIN IMMEDIATE")
         for sql, params in statements:
@@ -76,7 +89,8 @@ def _measure(rows: list[HitRow], size: int, work: Path, prefill: list[HitRow]) -
     conn.close()
     n = len(rows)
     held = f", {len(prefill):,} hits already stored" if prefill else ""
-    print(f"\nbatches of {size}{held}: {total / n * 1e6:.1f} us CPU per hit in all")
+    summed = f", aggregates of {window} batches summed" if window > 1 else ""
+    print(f"\nbatches of {size}{held}{summed}: {total / n * 1e6:.1f} us CPU per hit in all")
     print(f"  {prepare / n * 1e6:6.2f} us  Python: rollup and IP pre-aggregation, statements")
     for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
         rows_per_hit = f"{count[name] / n:5.2f} rows/hit" if name != "COMMIT" else ""
@@ -95,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--prefill", type=int, default=0, help="hits stored (untimed) before the measured ones"
     )
+    ap.add_argument("--window", type=int, default=1, help="batches whose aggregates are summed")
     args = ap.parse_args(argv)
     from collector.config import load_settings
     from collector.enrich import Enricher
@@ -120,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     geoip.close()
     with tempfile.TemporaryDirectory(prefix="collector-statements-") as tmp:
         for size in (int(x) for x in args.batch_sizes.split(",")):
-            _measure(rows, size, Path(tmp), prefill)
+            _measure(rows, size, Path(tmp), prefill, args.window)
 
 
 if __name__ == "__main__":
