@@ -46,7 +46,7 @@ def _measure(
         conn.execute(f"PRAGMA {pragma}")
     conn.execute("PRAGMA wal_autocheckpoint = 10000")
     generations: dict[str, int] = {}
-    for aggregate in storage._caching:
+    for aggregate in storage._windowed:
         found = conn.execute(aggregate.generation_sql).fetchone()
         generations[aggregate.generation_sql] = found[0] if found else 0
     # Untimed: the hits a store already holds (the random-key indexes grow with them).
