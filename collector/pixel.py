@@ -62,6 +62,8 @@ _RAW_TAIL = tuple(RawHit._field_defaults[name] for name in RawHit._fields[11:])
 _ANON_TAIL = tuple(AnonHit._field_defaults[name] for name in AnonHit._fields[3:])
 _MAX_PARAM = 8192
 _MAX_COOKIE_HEADER = 16_384
+_UA_MEMO = 4096  # distinct user agents kept (~1 MB)
+_UA_MEMO_BYTES = 1024
 
 
 class _IdSource:
@@ -172,9 +174,20 @@ class Pixel:
         self._body = {"type": "http.response.body", "body": GIF}
         self._head_body = {"type": "http.response.body", "body": b""}
         self._new_id = _IdSource()
+        # User agents repeat from hit to hit: one shared str per distinct header value,
+        # so a full write queue (queue_size hits) holds each once, not once per hit.
+        self._uas: dict[bytes, str] = {}
         # A plain int, read when /metrics is scraped: a prometheus counter takes a lock.
         self.fast_answers = 0
         metrics.fast_answers.set_function(lambda: self.fast_answers)
+
+    def _user_agent(self, value: bytes) -> str:
+        ua = value[: self.max_ua].decode("latin-1")
+        if len(value) <= _UA_MEMO_BYTES:  # hostile megabyte values are not kept
+            if len(self._uas) >= _UA_MEMO:
+                self._uas.clear()
+            self._uas[value] = ua
+        return ua
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         method = scope["method"]
@@ -251,7 +264,8 @@ class Pixel:
                 elif len(cookie) < _MAX_COOKIE_HEADER:
                     cookie = f"{cookie}; {value[:_MAX_COOKIE_HEADER].decode('latin-1')}"
             elif key == b"user-agent":
-                ua = value[: self.max_ua].decode("latin-1")
+                known = self._uas.get(value) if len(value) <= _UA_MEMO_BYTES else None
+                ua = known if known is not None else self._user_agent(value)
             elif key == b"referer":
                 referer = value[:_MAX_PARAM].decode("latin-1")
             elif key == b"x-forwarded-for":

@@ -196,12 +196,13 @@ class SQLiteStorage:
             await conn.execute("PRAGMA journal_mode = WAL")
             await conn.execute("PRAGMA synchronous = NORMAL")
             # Each batch dirties index pages all over the B-trees (random visitor ids
-            # and IPs). A 12 MiB page cache keeps the hot ones in memory, and
+            # and IPs). An 8 MiB page cache keeps the hot ones in memory, and
             # checkpointing every ~40 MB of WAL instead of 4 MB writes a page that several
             # batches touched once: -25% CPU per stored row (docs/PERFORMANCE.md). 32 MiB
-            # saved ~4% of the writer's CPU and cost it 16 MB of RSS; 12 against 16 MiB
-            # measured no difference and pays for the larger batches (4 MB).
-            await conn.execute("PRAGMA cache_size = -12288")
+            # saved ~4% of the writer's CPU and cost it 16 MB of RSS; 12 against 16 MiB,
+            # and 8 against 12 (session 5), measured no difference beyond the noise, and
+            # each step gave the process's RSS budget back 4 MB.
+            await conn.execute("PRAGMA cache_size = -8192")
             await conn.execute("PRAGMA wal_autocheckpoint = 10000")
         return conn
 
