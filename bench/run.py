@@ -319,8 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bare = start_bare(work, env)
         servers.append(bare)
-        # The collector as shipped: the writer process on its own core (the load
-        # generator's, which wrk leaves mostly idle at these rates); uvicorn on CPU 1.
+        # The collector as shipped: the writer process on the load generator's core,
+        # which it shares with wrk (~20-30 us of wrk per request, printed per round);
+        # uvicorn on CPU 1.
         coll = start_collector(work, env, writer_cpu=args.writer_cpu)
         servers.append(coll)
         sampler = RssSampler(coll)
