@@ -51,7 +51,10 @@ def _measure(
         generations[aggregate.generation_sql] = found[0] if found else 0
     # Untimed: the hits a store already holds (the random-key indexes grow with them).
     for i in range(0, len(prefill), size):
-        statements, committed = storage._statements(Batch(hits=prefill[i : i + size]), generations)
+        alone = storage._new_window(generations)  # each prefill batch its own window
+        statements = storage._batch_statements(Batch(hits=prefill[i : i + size]), alone)
+        found, committed = alone.statements()
+        statements += found
         conn.execute("BEGIN IMMEDIATE")
         for sql, params in statements:
             conn.executemany(sql, params)

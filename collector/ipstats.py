@@ -168,16 +168,9 @@ def statements(facts: Iterable[Fact]) -> list[Statement]:
     combinations collected, in memory; each row is then one plain ``VALUES`` upsert,
     and each statement's rows are sorted by key.
     """
-    return _statements(facts, frozenset())[0]
-
-
-def _statements(
-    facts: Iterable[tuple[Any, ...]], known: set[Combo] | frozenset[Combo]
-) -> tuple[list[Statement], set[Combo]]:
-    """``statements``, leaving out value rows in ``known``; also the combinations kept."""
     acc = _Accumulator()
     acc.add(facts)
-    return acc.result(known)
+    return acc.result(frozenset())[0]
 
 
 class _Accumulator:

@@ -86,8 +86,9 @@ class BatchBuilder:
             self._days[key] = day
         return day
 
-    async def build(self, items: Sequence[Item]) -> tuple[Batch, Counter[str]]:
-        """The batch, and the hits dropped on the way (by reason)."""
+    async def build(self, items: Sequence[Item], hold: bool) -> tuple[Batch, Counter[str]]:
+        """The batch, and the hits dropped on the way (by reason); ``hold``: see
+        ``Batch.hold``."""
         rows: list[HitRow] = []
         counts: Counter[tuple[str, str, str]] = Counter()
         unconsented: list[tuple[int, str, str]] = []
@@ -118,7 +119,8 @@ class BatchBuilder:
             kept = keep(kept)
         if len(kept) != len(rows):
             dropped["blocked"] += len(rows) - len(kept)
-        return Batch(hits=kept, pixel_counts=counts, unconsented_ips=unconsented), dropped
+        batch = Batch(hits=kept, pixel_counts=counts, unconsented_ips=unconsented, hold=hold)
+        return batch, dropped
 
 
 class Sink(Protocol):
@@ -142,9 +144,7 @@ class LocalSink:
         self.filters = builder.filters
 
     async def prepare(self, items: Sequence[Item], hold: bool) -> tuple[Batch, Counter[str]]:
-        batch, dropped = await self.builder.build(items)
-        batch.hold = hold
-        return batch, dropped
+        return await self.builder.build(items, hold)
 
     async def deliver(self, job: tuple[Batch, Counter[str]]) -> Tally:
         batch, dropped = job

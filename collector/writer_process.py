@@ -118,9 +118,7 @@ class RemoteSink:
         self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
     async def prepare(self, items: Sequence[Item], hold: bool) -> bytes:
-        batch, dropped = await self.builder.build(items)
-        batch.hold = hold
-        return encode_batch(batch, dropped)
+        return encode_batch(*await self.builder.build(items, hold))
 
     async def deliver(self, job: bytes) -> Tally:
         async with self._lock:

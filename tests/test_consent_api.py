@@ -353,31 +353,29 @@ async def test_admin_api_shows_the_chain_and_audits_the_lookup(
     assert ("auditor", consent_id) in [tuple(r) for r in audit]
 
 
+def consent_show(app: CollectorApp, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``collector consent show ARGS`` against the app's database, as the DPO runs it."""
+    env = {**os.environ, "COLLECTOR_STORAGE_PATH": str(db(app)), "COLLECTOR_CONSENT_SECRET": SECRET}
+    return subprocess.run(
+        [sys.executable, "-m", "collector", "consent", "show", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env=env,
+    )
+
+
 async def test_cli_consent_show_prints_the_records(
     app: CollectorApp, browser: httpx.AsyncClient, tmp_path: Path
 ) -> None:
     consent_id = (await browser.post("/consent", json={"statistics": True})).json()["consent_id"]
-    env = {**os.environ, "COLLECTOR_STORAGE_PATH": str(db(app)), "COLLECTOR_CONSENT_SECRET": SECRET}
-    out = subprocess.run(
-        [sys.executable, "-m", "collector", "consent", "show", consent_id, "--ip", IP],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-        env=env,
-        check=True,
-    )
+    out = consent_show(app, tmp_path, consent_id, "--ip", IP)
+    assert out.returncode == 0, out.stderr
     (record,) = json.loads(out.stdout)
     assert record["consent_id"] == consent_id and record["from_ip"] is True
     assert record["policy_version"] == "1" and record["action"] == "grant"
-    missing = subprocess.run(
-        [sys.executable, "-m", "collector", "consent", "show", "nosuchid1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-        env=env,
-    )
+    missing = consent_show(app, tmp_path, "nosuchid1")
     assert missing.returncode == 1 and "no consent record" in missing.stderr
 
 
@@ -385,15 +383,7 @@ def test_cli_consent_show_takes_an_id_that_begins_with_a_dash(
     app: CollectorApp, tmp_path: Path
 ) -> None:
     # One generated id in 64 begins with "-"; it must be looked up, not read as an option.
-    env = {**os.environ, "COLLECTOR_STORAGE_PATH": str(db(app)), "COLLECTOR_CONSENT_SECRET": SECRET}
-    out = subprocess.run(
-        [sys.executable, "-m", "collector", "consent", "show", "-bCYYiqy847lZOi_", "--ip", IP],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-        env=env,
-    )
+    out = consent_show(app, tmp_path, "-bCYYiqy847lZOi_", "--ip", IP)
     assert out.returncode == 1 and "no consent record for '-bCYYiqy847lZOi_'" in out.stderr
 
 

@@ -293,15 +293,6 @@ class SQLiteStorage:
             raise StorageError("storage is not open")
         return self._read
 
-    def _statements(
-        self, batch: Batch, generations: dict[str, int]
-    ) -> tuple[list[Statement], list[Callable[[], None]]]:
-        """Everything one batch writes when it is its own window (bench.micro_statements)."""
-        window = self._new_window(generations)
-        out = self._batch_statements(batch, window)
-        found, committed = window.statements()
-        return out + found, committed
-
     def _new_window(self, generations: dict[str, int]) -> _Window:
         parts = [a.window(generations.get(a.generation_sql, -1)) for a in self._windowed]
         return _Window(generations, parts)
