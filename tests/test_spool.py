@@ -161,3 +161,43 @@ def test_a_connection_dropped_mid_operation_is_an_outage_not_a_bug() -> None:
     )
     with pytest.raises(DatabaseUnreachable), _errors("writing 69 hits"):
         raise broken
+
+
+async def test_a_batch_committed_before_the_connection_dropped_is_not_stored_twice(
+    tmp_path: Path, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fault injected around the real write: PostgreSQL commits the batch, then the
+    # connection drops before the node hears so (seen when the cluster stops under load:
+    # 50 hits stored twice in test_outage_under_load_...). The node must spool it, as it
+    # cannot know, and the replay must find it stored instead of writing it again.
+    from collector.errors import DatabaseUnreachable
+
+    settings = make_settings(
+        tmp_path,
+        storage={"backend": "postgres", "dsn": pg_dsn, "spool_dir": str(tmp_path / "spool")},
+    )
+    storage = open_storage(settings)
+    assert isinstance(storage, SpoolingStorage)
+    write = storage.inner.write_batch
+    dropped: list[Batch] = []
+
+    async def commit_then_drop(batch: Batch) -> None:
+        await write(batch)
+        if not dropped:
+            dropped.append(batch)
+            raise DatabaseUnreachable("PostgreSQL unreachable: connection lost after COMMIT")
+
+    monkeypatch.setattr(storage.inner, "write_batch", commit_then_drop)
+    await storage.open()
+    try:
+        await storage.write_batch(Batch(hits=[sample_row(ts_ms=1), sample_row(ts_ms=2)]))
+        assert storage.spool_status() == {"hits": 2, "batches": 1}
+        await storage.write_batch(Batch(hits=[sample_row(ts_ms=3)]))  # behind it, in order
+        assert await storage.replay()
+        assert await storage.fetch_all("SELECT ts_ms FROM hits ORDER BY id") == [
+            {"ts_ms": 1},
+            {"ts_ms": 2},
+            {"ts_ms": 3},
+        ]
+    finally:
+        await storage.close()

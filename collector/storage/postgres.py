@@ -256,6 +256,28 @@ class PostgresStorage:
                     raise
                 logger.warning("batch write conflicted (%s); retrying", cause)
 
+    async def holds(self, batch: Batch) -> bool:
+        """Whether ``batch`` is stored already (it is one transaction: its first hit tells).
+
+        For a batch whose write broke off with the connection: PostgreSQL may have
+        committed it before the answer was lost. A batch without hits cannot tell, and
+        is taken as not stored.
+        """
+        if not batch.hits:
+            return False
+        first = batch.hits[0]
+        with _errors("looking for a spooled batch"):
+            async with self.pool.acquire() as conn:
+                found = await conn.fetchval(
+                    "SELECT 1 FROM hits WHERE visitor_id = $1 AND ts_ms = $2 AND session_id = $3"
+                    " AND page_url IS NOT DISTINCT FROM $4 LIMIT 1",
+                    first.visitor_id,
+                    first.ts_ms,
+                    first.session_id,
+                    first.page_url,
+                )
+        return found is not None
+
     def _statements(self, batch: Batch) -> list[tuple[str, list[tuple[Any, ...]]]]:
         out: list[tuple[str, list[tuple[Any, ...]]]] = []
         if batch.pixel_counts:

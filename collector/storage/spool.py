@@ -106,12 +106,13 @@ class SpoolFile:
             return None
         return cls(path, fd)
 
-    def append(self, batch: Batch) -> None:
-        self._db.execute(
+    def append(self, batch: Batch) -> int:
+        cur = self._db.execute(
             "INSERT INTO spool (hits, batch) VALUES (?, ?)", (len(batch.hits), _encode(batch))
         )
         self.batches += 1
         self.hits += len(batch.hits)
+        return int(cur.lastrowid or 0)
 
     def oldest(self) -> tuple[int, Batch] | None:
         row = self._db.execute("SELECT id, batch FROM spool ORDER BY id LIMIT 1").fetchone()
@@ -139,6 +140,10 @@ class SpoolingStorage:
         self.directory = Path(directory)
         self.retry_s = retry_ms / 1000
         self._files: list[SpoolFile] = []  # adopted ones first, our own last
+        # Spooled batches whose own write failed as "unreachable": the connection may
+        # have dropped after PostgreSQL committed them (at COMMIT's answer, or when the
+        # pool reset the connection), so replay first looks for their hits.
+        self._unsure: set[tuple[SpoolFile, int]] = set()
         self._lock = asyncio.Lock()  # one spool operation (or replayed batch) at a time
         self._task: asyncio.Task[None] | None = None
 
@@ -186,6 +191,9 @@ class SpoolingStorage:
                     return
                 except DatabaseUnreachable as exc:
                     logger.error("PostgreSQL unreachable, spooling hits locally: %s", exc.detail)
+                    own = self._own
+                    self._unsure.add((own, await asyncio.to_thread(own.append, batch)))
+                    return
             await asyncio.to_thread(self._own.append, batch)
 
     @property
@@ -226,7 +234,10 @@ class SpoolingStorage:
                     continue
                 row_id, batch = found
                 try:
-                    await self.inner.write_batch(batch)
+                    if (source, row_id) not in self._unsure or not await self.inner.holds(batch):
+                        await self.inner.write_batch(batch)
+                    else:
+                        logger.warning("spooled batch %d was stored before the outage", row_id)
                 except DatabaseUnreachable:
                     return False
                 except StorageError as exc:
@@ -235,6 +246,7 @@ class SpoolingStorage:
                     logger.error("spooled batch %d not accepted, will retry: %s", row_id, exc)
                     return False
                 await asyncio.to_thread(source.remove, row_id, len(batch.hits))
+                self._unsure.discard((source, row_id))
                 if source is not self._own and not source.batches:
                     source.close(delete_if_empty=True)
                     self._files.remove(source)
