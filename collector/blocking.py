@@ -38,7 +38,7 @@ from collector.block_targets import (
 )
 from collector.errors import Conflict, InputError, NotFound, StorageError, Unprocessable
 from collector.storage.base import HitRow, Storage, Transaction
-from collector.subjects import Subject, rebuild
+from collector.subjects import Subject, hits_where, rebuild, span_of
 
 __all__ = [
     "MIN_PREFIX",
@@ -218,19 +218,14 @@ async def _span(
     tx: Transaction, kind: str, value: str, block_id: int, since_ms: int | None = None
 ) -> tuple[int, int] | None:
     """[first, last + 1) of the blocked subject's hits (since ``since_ms``), or None."""
-    params: list[Any]
+    scopes: list[tuple[str, list[Any]]]
     if kind == "network":
-        where, params = "ip IN (SELECT ip FROM block_ips WHERE block_id = ?)", [block_id]
+        scopes = [("ip IN (SELECT ip FROM block_ips WHERE block_id = ?)", [block_id])]
     else:
-        where, params = f"{'visitor_id' if kind == 'visitor' else 'ip'} = ?", [value]
+        scopes = await hits_where(tx, Subject("visitor" if kind == "visitor" else "ip", value))
     if since_ms is not None:
-        where, params = f"{where} AND ts_ms >= ?", [*params, since_ms]
-    row = await tx.fetch_one(
-        f"SELECT min(ts_ms) AS lo, max(ts_ms) AS hi FROM hits WHERE {where}", params
-    )
-    if not row or row["lo"] is None:
-        return None
-    return int(row["lo"]), int(row["hi"]) + 1
+        scopes = [(f"{where} AND ts_ms >= ?", [*params, since_ms]) for where, params in scopes]
+    return await span_of(tx, scopes)
 
 
 async def add(

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from collector import ipstats
+from collector import ipstats, visitor_hours
 from collector.aggregates import Rebuilder
 from collector.enrich import normalize_ip
 from collector.errors import InputError, StorageError
@@ -88,6 +88,8 @@ def personal_tables() -> list[PersonalTable]:
         PersonalTable("block_ips", ip_column="ip"),
         # App collection: an app instance id is the app's visitor id.
         PersonalTable("collect_dedupe", visitor_column="instance_id"),
+        # The hours in which a visitor id has hits: how its hits are found (no index).
+        PersonalTable("visitor_hours", visitor_column="visitor_id"),
     ]
 
 
@@ -106,15 +108,38 @@ async def table_columns(storage: Storage, table: str) -> list[str] | None:
     return list(found[0]) if found else []
 
 
+async def hits_where(db: Transaction | Storage, subject: Subject) -> list[tuple[str, list[Any]]]:
+    """WHERE clauses over ``hits`` that together select the subject's hits, in time order.
+
+    An IP is one clause (the ``hits_ip`` index); a visitor id is one per run of hours in
+    which it has hits (``collector.visitor_hours``: hits has no visitor index).
+    """
+    if subject.kind == "visitor":
+        return await visitor_hours.where(db, subject.value)
+    return [("ip = ?", [subject.value])]
+
+
 async def span(tx: Transaction | Storage, subject: Subject) -> tuple[int, int] | None:
     """[first, last + 1) of the subject's hits, or None without hits."""
-    row = await tx.fetch_one(
-        f"SELECT min(ts_ms) AS lo, max(ts_ms) AS hi FROM hits WHERE {subject.column} = ?",
-        [subject.value],
-    )
-    if not row or row["lo"] is None:
+    return await span_of(tx, await hits_where(tx, subject))
+
+
+async def span_of(
+    tx: Transaction | Storage, scopes: Sequence[tuple[str, Sequence[Any]]]
+) -> tuple[int, int] | None:
+    """[first, last + 1) of the hits the WHERE clauses ``scopes`` select, or None."""
+    lo: int | None = None
+    hi: int | None = None
+    for clause, params in scopes:
+        row = await tx.fetch_one(
+            f"SELECT min(ts_ms) AS lo, max(ts_ms) AS hi FROM hits WHERE {clause}", params
+        )
+        if row and row["lo"] is not None:
+            lo = int(row["lo"]) if lo is None else min(lo, int(row["lo"]))
+            hi = int(row["hi"]) if hi is None else max(hi, int(row["hi"]))
+    if lo is None or hi is None:
         return None
-    return int(row["lo"]), int(row["hi"]) + 1
+    return lo, hi + 1
 
 
 async def rebuild(tx: Transaction, rebuilders: Sequence[Rebuilder], when: tuple[int, int]) -> None:
@@ -129,10 +154,11 @@ async def export(
 
     ``ip_hash`` is the consent records' keyed IP hash, to find an IP's consent records.
     """
-    col = subject.column
-    hits = await storage.fetch_all(
-        f"SELECT * FROM hits WHERE {col} = ? ORDER BY ts_ms, id", [subject.value]
-    )
+    hits = []
+    for clause, params in await hits_where(storage, subject):
+        hits += await storage.fetch_all(
+            f"SELECT * FROM hits WHERE {clause} ORDER BY ts_ms, id", params
+        )
     consent_ids = sorted({h["consent_id"] for h in hits if h["consent_id"]})
     out: dict[str, Any] = {
         "subject": subject.as_dict(),
@@ -247,12 +273,15 @@ async def erase(
         if (col := t.column_for(subject)) and await table_columns(storage, t.name) is not None
     ]
     async with storage.transaction() as tx:
-        when = await span(tx, subject)
-        ids = await tx.fetch_all(
-            f"SELECT DISTINCT consent_id FROM hits WHERE {subject.column} = ?", [subject.value]
-        )
-        consent_ids = [r["consent_id"] for r in ids if r["consent_id"]]
-        hits = await tx.execute(f"DELETE FROM hits WHERE {subject.column} = ?", [subject.value])
+        scopes = await hits_where(tx, subject)  # before visitor_hours loses the subject
+        when = await span_of(tx, scopes)
+        found: set[str] = set()
+        hits = 0
+        for clause, params in scopes:
+            ids = await tx.fetch_all(f"SELECT DISTINCT consent_id FROM hits WHERE {clause}", params)
+            found.update(r["consent_id"] for r in ids if r["consent_id"])
+            hits += await tx.execute(f"DELETE FROM hits WHERE {clause}", params)
+        consent_ids = sorted(found)
         counts = {
             t.name: await tx.execute(f"DELETE FROM {t.name} WHERE {col} = ?", [subject.value])
             for t, col in tables

@@ -308,6 +308,109 @@ async def test_erasure_deletes_hits_and_per_ip_rows_and_keeps_consent_proof(
     assert entry["subject"] == ALICE and json.loads(entry["detail"])["hits"] == 2
 
 
+HOUR = 3_600_000
+
+
+async def test_a_visitor_is_found_in_every_hour_without_an_index_on_hits(
+    app: CollectorApp, client: httpx.AsyncClient, tokens: dict[str, str]
+) -> None:
+    # hits has no visitor index (issue 8): export and erasure find a visitor's hits through
+    # the hours a trigger notes on every insert. The truth they must match is a full scan.
+    start = (NOW // DAY - 40) * DAY
+    alice_at = [start + 5, start + HOUR + 7, start + 2 * HOUR - 1, start + 9 * DAY, NOW - 1]
+    await store(app, *(hit_row(t) for t in alice_at))
+    await store(app, *(hit_row(t + 1, visitor=BOB, ip="1.1.1.1") for t in alice_at))
+    # A hit that no batch wrote, in an hour of its own: another code path, straight in.
+    await app.storage.execute(
+        "INSERT INTO hits (ts_ms, ip, visitor_id, session_id, user_agent, browser_family, "
+        "browser_version, os_family, os_version, device_family, device_brand, device_class, "
+        "consent_id, policy_version) VALUES (?, '9.9.9.9', ?, 's', 'ua', 'b', '1', 'o', '1', "
+        "'d', 'x', 'desktop', 'c-2', '1')",
+        [start + 9 * DAY + 5 * HOUR, ALICE],
+    )
+    scan = await app.storage.fetch_all(
+        "SELECT id FROM hits WHERE visitor_id || '' = ? ORDER BY ts_ms, id", [ALICE]
+    )
+    assert len(scan) == 6
+    admin = bearer(tokens["admin"])
+    data = (await client.get(f"/api/admin/subjects?visitor={ALICE}", headers=admin)).json()
+    assert [h["id"] for h in data["hits"]] == [r["id"] for r in scan]  # all, in time order
+    assert [h["ip"] for h in data["hits"]].count("9.9.9.9") == 1
+    assert len(data["visitor_hours"]) == 5  # the 2nd and 3rd hits share an hour
+    erased = await client.post("/api/admin/subjects/erase", json={"visitor": ALICE}, headers=admin)
+    assert erased.json()["hits"] == 6 and erased.json()["span_ms"] == [start + 5, NOW]
+    assert await count(app, "SELECT count(*) FROM hits WHERE visitor_id || '' = ?", [ALICE]) == 0
+    assert await count(app, "SELECT count(*) FROM hits WHERE visitor_id = ?", [BOB]) == 5
+    assert await count(app, "SELECT count(*) FROM visitor_hours WHERE visitor_id = ?", [ALICE]) == 0
+    # The visitor comes back: the trigger notes the hour again, and a second erasure finds it.
+    await store(app, hit_row(NOW))
+    again = await client.post("/api/admin/subjects/erase", json={"visitor": ALICE}, headers=admin)
+    assert again.json()["hits"] == 1
+    assert await count(app, "SELECT count(*) FROM hits WHERE visitor_id || '' = ?", [ALICE]) == 0
+
+
+async def test_blocking_a_visitor_rebuilds_the_span_of_all_its_hours(
+    app: CollectorApp, client: httpx.AsyncClient, tokens: dict[str, str], rollup: DailyRollup
+) -> None:
+    await store(app, hit_row(NOW - 3 * DAY), hit_row(NOW), hit_row(NOW, visitor=BOB))
+    admin = bearer(tokens["admin"])
+    made = await client.post(
+        "/api/admin/blocks", json={"visitor": ALICE, "reason": "check"}, headers=admin
+    )
+    assert made.status_code == 201, made.text
+    assert (NOW - 3 * DAY, NOW + 1) in rollup.calls
+
+
+async def test_retention_forgets_the_hours_of_purged_hits_only(
+    app: CollectorApp, client: httpx.AsyncClient, tokens: dict[str, str]
+) -> None:
+    await store(app, hit_row(NOW - 400 * DAY), hit_row(NOW - DAY), hit_row(NOW - 400 * DAY, BOB))
+    done = await client.post("/api/admin/retention/run", headers=bearer(tokens["admin"]))
+    assert done.json()["rows"] == 2
+    hours = await app.storage.fetch_all("SELECT visitor_id, hour FROM visitor_hours")
+    assert hours == [{"visitor_id": ALICE, "hour": (NOW - DAY) // HOUR}]
+
+
+async def test_upgrading_a_store_notes_the_hours_of_the_hits_it_holds(
+    backend_settings: Settings,
+) -> None:
+    # A store from before migration 0013: visitor index, no visitor_hours, hits already held.
+    downgrade = {
+        "sqlite": [
+            "DROP TRIGGER hits_visitor_hours",
+            "DROP TABLE visitor_hours",
+            "CREATE INDEX hits_visitor ON hits (visitor_id, ts_ms)",
+        ],
+        "postgres": [
+            "DROP TRIGGER hits_visitor_hours ON hits",
+            "DROP FUNCTION note_visitor_hours",
+            "DROP TABLE visitor_hours",
+            "CREATE INDEX hits_visitor ON hits (visitor_id, ts_ms)",
+        ],
+    }[backend_settings.storage.backend]
+    app = create_app(backend_settings)
+    async with app.lifespan(app.starlette):
+        for sql in [*downgrade, "DELETE FROM schema_version WHERE version = 13"]:
+            await app.storage.execute(sql)
+        await store(app, hit_row(NOW - 2 * DAY), hit_row(NOW), hit_row(NOW, visitor=BOB))
+    app = create_app(backend_settings)
+    async with app.lifespan(app.starlette):
+        hours = await app.storage.fetch_all(
+            "SELECT visitor_id, hour FROM visitor_hours ORDER BY visitor_id, hour"
+        )
+        assert [(r["visitor_id"], r["hour"]) for r in hours] == [
+            (ALICE, (NOW - 2 * DAY) // HOUR),
+            (ALICE, NOW // HOUR),
+            (BOB, NOW // HOUR),
+        ]
+        admin = bearer(await app.tokens.create("root", "admin"))
+        async with client_for(app) as client:
+            erased = await client.post(
+                "/api/admin/subjects/erase", json={"visitor": ALICE}, headers=admin
+            )
+        assert erased.json()["hits"] == 2
+
+
 async def test_breach_report_lists_the_visitors_to_inform(
     app: CollectorApp, client: httpx.AsyncClient, tokens: dict[str, str]
 ) -> None:
