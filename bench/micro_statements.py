@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = [enricher.row(h) for h in _visits(mix, args.hits, now)]
     # Earlier traffic, ~18,000 hits a second of it (as _visits spaces them), before ``now``.
     earlier = now - args.prefill // 18 - 1000
-    prefill = [enricher.row(h) for h in _visits(mix, args.prefill, earlier)]
+    # Another stream: the same returning visitors, but new browsers of their own (with
+    # the same stream, the measured hits' "new" visitor ids would all be stored already).
+    prefill = [enricher.row(h) for h in _visits(mix, args.prefill, earlier, seed=12)]
     geoip.close()
     with tempfile.TemporaryDirectory(prefix="collector-statements-") as tmp:
         for size in (int(x) for x in args.batch_sizes.split(",")):

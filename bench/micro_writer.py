@@ -135,15 +135,18 @@ async def _run(hits: int, work: Path, batch_sizes: tuple[int, ...]) -> dict[str,
     return results
 
 
-def _visits(mix: Mix, n: int, start_ms: int) -> list[RawHit]:
+def _visits(mix: Mix, n: int, start_ms: int, seed: int = 11) -> list[RawHit]:
     """Consented hits as ``Mix.requests`` makes them: visitor k keeps ``mix.visitor(k)``,
     9 in 10 keep their visitor and session ids, the others are new browsers each hit;
-    ~18,000 hits a second of traffic time."""
-    rnd = random.Random(11)
+    ~18,000 hits a second of traffic time. The returning visitors are the same for
+    every ``seed``; the order of visits and the new browsers' ids differ."""
+    ids_rnd = random.Random(11)
     visitors = len(mix.consented)
     ids = [
-        (f"{rnd.getrandbits(128):032x}", f"{rnd.getrandbits(128):032x}") for _ in range(visitors)
+        (f"{ids_rnd.getrandbits(128):032x}", f"{ids_rnd.getrandbits(128):032x}")
+        for _ in range(visitors)
     ]
+    rnd = ids_rnd if seed == 11 else random.Random(seed)
     sections = ("catalog", "product", "blog", "cart", "search", "account")
     out = []
     for i in range(n):

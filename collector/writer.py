@@ -288,11 +288,11 @@ class BatchWriter:
     async def _run(self) -> None:
         """Gather, build, deliver: a batch is built while the one before it is stored.
 
-        The two stages take turns on different cores when the sink is the writer
-        process (building here, storing there), and on different threads otherwise;
-        run one after the other, each core sat idle while the other worked, and the
-        queue drained ~15% slower than its slower stage (docs/PERFORMANCE.md,
-        session 6). Deliveries stay one at a time and in order.
+        With the writer process as the sink, building runs here and storing there, on
+        another core; run one after the other, each side waited for the other, and
+        the queue stood fuller under load (flat-out p99 13.7 against 10.0 ms in the same
+        run; docs/PERFORMANCE.md, session 6). Deliveries stay one at a time and in
+        order, and the items of both stages count against ``queue_size``.
         """
         assert self._wake is not None
         wake = self._wake
