@@ -206,7 +206,5 @@ async def purge_consent_records(
         )
         done += n
         if n < chunk_size:
-            # Only now: until its hits are gone, an hour must still lead erasure to them.
-            await visitor_hours.purge(storage, p.cutoff_ms)
             return done
         await asyncio.sleep(pause_s)
