@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     earlier = now - args.prefill // 18 - 1000
     # Another stream: the same returning visitors, but new browsers of their own (with
     # the same stream, the measured hits' "new" visitor ids would all be stored already).
-    prefill = [enricher.row(h) for h in _visits(mix, args.prefill, earlier, seed=12)]
+    prefill = [enricher.row(h) for h in _visits(mix, args.prefill, earlier, seed=2)]
     geoip.close()
     with tempfile.TemporaryDirectory(prefix="collector-statements-") as tmp:
         for size in (int(x) for x in args.batch_sizes.split(",")):
