@@ -31,7 +31,12 @@ from collector.storage.sqlite import SQLiteStorage
 
 
 def _measure(
-    rows: list[HitRow], size: int, work: Path, prefill: list[HitRow], window: int = 1
+    rows: list[HitRow],
+    size: int,
+    work: Path,
+    prefill: list[HitRow],
+    window: int = 1,
+    page_size: int = 0,
 ) -> None:
     from collector.aggregates import aggregators
     from collector.config import load_settings
@@ -39,6 +44,10 @@ def _measure(
 
     path = work / f"statements-{size}.db"
     settings = load_settings(None, environ={"COLLECTOR_STORAGE_PATH": str(path)})
+    if page_size:  # fixed when the file is first written
+        with sqlite3.connect(path) as fresh:
+            fresh.execute(f"PRAGMA page_size = {page_size}")
+            fresh.execute("PRAGMA journal_mode = WAL")
     storage = SQLiteStorage(settings, aggregators(settings))
     asyncio.run(_migrate(storage))  # the schema; the timed writes use their own connection
     conn = sqlite3.connect(path, isolation_level=None)
@@ -92,6 +101,7 @@ def _measure(
     conn.close()
     n = len(rows)
     held = f", {len(prefill):,} hits already stored" if prefill else ""
+    held += f", page size {page_size}" if page_size else ""
     summed = f", aggregates of {window} batches summed" if window > 1 else ""
     print(f"\nbatches of {size}{held}{summed}: {total / n * 1e6:.1f} us CPU per hit in all")
     print(f"  {prepare / n * 1e6:6.2f} us  Python: rollup and IP pre-aggregation, statements")
@@ -113,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         "--prefill", type=int, default=0, help="hits stored (untimed) before the measured ones"
     )
     ap.add_argument("--window", type=int, default=1, help="batches whose aggregates are summed")
+    ap.add_argument("--page-size", type=int, default=0, help="SQLite page size (0: default)")
     args = ap.parse_args(argv)
     from collector.config import load_settings
     from collector.enrich import Enricher
@@ -140,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     geoip.close()
     with tempfile.TemporaryDirectory(prefix="collector-statements-") as tmp:
         for size in (int(x) for x in args.batch_sizes.split(",")):
-            _measure(rows, size, Path(tmp), prefill, args.window)
+            _measure(rows, size, Path(tmp), prefill, args.window, args.page_size)
 
 
 if __name__ == "__main__":
