@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from collector import subject_hours
 from collector.aggregates import Rebuilder
 from collector.audit import AuditLog
 from collector.block_targets import (
@@ -198,7 +199,10 @@ def _like_prefix(net: Network) -> str:
 
 async def _add_members(tx: Transaction, block_id: int, net: Network) -> int:
     """Record the stored addresses inside ``net`` for VISIBLE; the number added."""
-    found = await tx.fetch_all("SELECT DISTINCT ip FROM hits WHERE ip LIKE ?", [_like_prefix(net)])
+    # ip_hours holds every address with hits (hits has no IP index), a row per hour.
+    found = await tx.fetch_all(
+        "SELECT DISTINCT ip FROM ip_hours WHERE ip LIKE ?", [_like_prefix(net)]
+    )
     have = {
         r["ip"]
         for r in await tx.fetch_all("SELECT ip FROM block_ips WHERE block_id = ?", [block_id])
@@ -220,7 +224,8 @@ async def _span(
     """[first, last + 1) of the blocked subject's hits (since ``since_ms``), or None."""
     scopes: list[tuple[str, list[Any]]]
     if kind == "network":
-        scopes = [("ip IN (SELECT ip FROM block_ips WHERE block_id = ?)", [block_id])]
+        members = "SELECT ip FROM block_ips WHERE block_id = ?"
+        scopes = await subject_hours.where_in(tx, "ip", members, [block_id])
     else:
         scopes = await hits_where(tx, Subject("visitor" if kind == "visitor" else "ip", value))
     if since_ms is not None:

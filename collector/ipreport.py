@@ -14,6 +14,7 @@ import time
 from collections import defaultdict
 from typing import Any, Literal
 
+from collector import subject_hours
 from collector.config import FraudSettings
 from collector.enrich import normalize_ip
 from collector.errors import InputError
@@ -219,24 +220,37 @@ async def lookup(
 async def raw_hits(
     storage: Storage, ip: str, cursor: str | None, limit: int, include_blocked: bool
 ) -> dict[str, Any]:
-    """The newest stored hits of ``ip``, ``limit`` at a time (4.1.9 troubleshooting)."""
-    where = ["ip = ?"]
-    params: list[Any] = [ip]
+    """The newest stored hits of ``ip``, ``limit`` at a time (4.1.9 troubleshooting).
+
+    ``hits`` has no IP index (its writes cost too much: ``collector.subject_hours``), so
+    the runs of hours in which the address has hits are read newest first, each through
+    the time index, until the page is full: a busy address fills it from its last hour.
+    """
+    before: tuple[int, int] | None = None
     if cursor:
         match = CURSOR.match(cursor)
         if not match:
             raise InputError(f"cursor: {cursor[:40]!r} is not a cursor from a previous page")
-        ts, hit_id = int(match[1]), int(match[2])
-        where.append("(ts_ms < ? OR (ts_ms = ? AND id < ?))")
-        params += [ts, ts, hit_id]
+        before = (int(match[1]), int(match[2]))
     blocked = f", CASE WHEN {VISIBLE} THEN 0 ELSE 1 END AS blocked" if include_blocked else ""
-    if not include_blocked:
-        where.append(VISIBLE)
-    rows = await storage.fetch_all(
-        f"SELECT {_HIT_FIELDS}{blocked} FROM hits WHERE {' AND '.join(where)} "
-        "ORDER BY ts_ms DESC, id DESC LIMIT ?",
-        [*params, limit + 1],
-    )
+    visible = "" if include_blocked else f" AND {VISIBLE}"
+    rows: list[dict[str, Any]] = []
+    for lo, hi in reversed(await subject_hours.ranges(storage, "ip", "?", [ip])):
+        where = "ts_ms >= ? AND ts_ms < ? AND ip = ?"
+        params: list[Any] = [lo, hi, ip]
+        if before is not None:
+            if lo > before[0]:
+                continue  # the whole run is newer than the page before
+            ts, hit_id = before
+            where += " AND (ts_ms < ? OR (ts_ms = ? AND id < ?))"
+            params += [ts, ts, hit_id]
+        rows += await storage.fetch_all(
+            f"SELECT {_HIT_FIELDS}{blocked} FROM hits WHERE {where}{visible} "
+            "ORDER BY ts_ms DESC, id DESC LIMIT ?",
+            [*params, limit + 1 - len(rows)],
+        )
+        if len(rows) > limit:
+            break
     more = len(rows) > limit
     rows = rows[:limit]
     next_cursor = f"{rows[-1]['ts_ms']}.{rows[-1]['id']}" if more else None

@@ -9,8 +9,9 @@ coarse geo. Rollups and ``pixel_counts`` are never touched.
 Work goes in chunks of ``retention.chunk_size`` rows, each its own short transaction,
 so the batch writer waits at most one chunk. A backend that can drop whole time
 partitions (PostgreSQL) provides ``drop_partitions_before(ts_ms)``; it is called first,
-and the chunked delete handles what is left. Per-IP statistics of the expired days go too,
-and last, once their hits are gone, the ``visitor_hours`` rows of the hours before the cutoff.
+and the chunked delete handles what is left. Per-IP statistics of the expired days go
+too, and last, once their hits are gone, the ``visitor_hours`` and ``ip_hours`` rows of
+the hours before the cutoff.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from collector import ipstats, rollups, visitor_hours
+from collector import ipstats, rollups, subject_hours
 from collector.config import Settings
 from collector.storage.base import Storage
 
@@ -122,7 +123,7 @@ async def purge(
             progress(n)
         if n < chunk_size:
             # Only now: until its hits are gone, an hour must still lead erasure to them.
-            await visitor_hours.purge(storage, p.cutoff_ms)
+            await subject_hours.purge(storage, p.cutoff_ms)
             return done
         await asyncio.sleep(pause_s)  # let the batch writer in between chunks
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from collector import ipstats, visitor_hours
+from collector import ipstats, subject_hours
 from collector.aggregates import Rebuilder
 from collector.enrich import normalize_ip
 from collector.errors import InputError, StorageError
@@ -88,8 +88,10 @@ def personal_tables() -> list[PersonalTable]:
         PersonalTable("block_ips", ip_column="ip"),
         # App collection: an app instance id is the app's visitor id.
         PersonalTable("collect_dedupe", visitor_column="instance_id"),
-        # The hours in which a visitor id has hits: how its hits are found (no index).
+        # The hours in which a visitor id or an IP has hits: how its hits are found
+        # (hits has no index on either: collector.subject_hours).
         PersonalTable("visitor_hours", visitor_column="visitor_id"),
+        PersonalTable("ip_hours", ip_column="ip"),
     ]
 
 
@@ -111,12 +113,10 @@ async def table_columns(storage: Storage, table: str) -> list[str] | None:
 async def hits_where(db: Transaction | Storage, subject: Subject) -> list[tuple[str, list[Any]]]:
     """WHERE clauses over ``hits`` that together select the subject's hits, in time order.
 
-    An IP is one clause (the ``hits_ip`` index); a visitor id is one per run of hours in
-    which it has hits (``collector.visitor_hours``: hits has no visitor index).
+    One clause per run of hours in which the visitor id or IP has hits
+    (``collector.subject_hours``: hits has no index on either).
     """
-    if subject.kind == "visitor":
-        return await visitor_hours.where(db, subject.value)
-    return [("ip = ?", [subject.value])]
+    return await subject_hours.where(db, subject.kind, subject.value)
 
 
 async def span(tx: Transaction | Storage, subject: Subject) -> tuple[int, int] | None:
@@ -273,7 +273,7 @@ async def erase(
         if (col := t.column_for(subject)) and await table_columns(storage, t.name) is not None
     ]
     async with storage.transaction() as tx:
-        scopes = await hits_where(tx, subject)  # before visitor_hours loses the subject
+        scopes = await hits_where(tx, subject)  # before the hours tables lose the subject
         when = await span_of(tx, scopes)
         found: set[str] = set()
         hits = 0

@@ -349,6 +349,77 @@ async def test_a_visitor_is_found_in_every_hour_without_an_index_on_hits(
     assert await count(app, "SELECT count(*) FROM hits WHERE visitor_id || '' = ?", [ALICE]) == 0
 
 
+MALLORY = "89.160.20.112"
+
+
+async def test_an_ip_is_found_in_every_hour_without_an_index_on_hits(
+    app: CollectorApp, client: httpx.AsyncClient, tokens: dict[str, str]
+) -> None:
+    # hits has no IP index either (issue 8): export, erasure and the engineers' IP lookup
+    # find an address's hits through the hours a trigger notes. The truth is a full scan.
+    start = (NOW // DAY - 40) * DAY
+    at = [start + 5, start + HOUR + 7, start + 2 * HOUR - 1, start + 9 * DAY, NOW - 1]
+    await store(app, *(hit_row(t, ip=MALLORY) for t in at))
+    await store(app, *(hit_row(t + 1, visitor=BOB, ip="1.1.1.1") for t in at))
+    await store(app, hit_row(NOW - 2, visitor=BOB, ip=MALLORY))  # another visitor, same IP
+    await app.storage.execute(  # no batch wrote this one: another code path, straight in
+        "INSERT INTO hits (ts_ms, ip, visitor_id, session_id, user_agent, browser_family, "
+        "browser_version, os_family, os_version, device_family, device_brand, device_class, "
+        "consent_id, policy_version) VALUES (?, ?, ?, 's', 'ua', 'b', '1', 'o', '1', "
+        "'d', 'x', 'desktop', 'c-2', '1')",
+        [start + 9 * DAY + 5 * HOUR, MALLORY, ALICE],
+    )
+    scan = await app.storage.fetch_all(
+        "SELECT id, ts_ms FROM hits WHERE ip || '' = ? ORDER BY ts_ms, id", [MALLORY]
+    )
+    assert len(scan) == 7
+    # The engineers' lookup pages through every hour, newest first, 2 at a time.
+    engineer = bearer(tokens["engineer"])
+    listed: list[int] = []
+    cursor: str | None = None
+    while True:
+        params = {"limit": "2", **({"cursor": cursor} if cursor else {})}
+        page = await client.get(f"/api/ip/{MALLORY}", params=params, headers=engineer)
+        assert page.status_code == 200, page.text
+        listed += [h["ts_ms"] for h in page.json()["hits"]["items"]]
+        cursor = page.json()["hits"]["next_cursor"]
+        if cursor is None:
+            break
+    assert listed == [r["ts_ms"] for r in reversed(scan)]
+    admin = bearer(tokens["admin"])
+    data = (await client.get(f"/api/admin/subjects?ip={MALLORY}", headers=admin)).json()
+    assert [h["id"] for h in data["hits"]] == [r["id"] for r in scan]  # all, in time order
+    assert len(data["ip_hours"]) == 5  # the 2nd and 3rd hits share an hour, so do the last
+    erased = await client.post("/api/admin/subjects/erase", json={"ip": MALLORY}, headers=admin)
+    assert erased.json()["hits"] == 7 and erased.json()["span_ms"] == [start + 5, NOW]
+    assert await count(app, "SELECT count(*) FROM hits WHERE ip || '' = ?", [MALLORY]) == 0
+    assert await count(app, "SELECT count(*) FROM hits WHERE ip = ?", ["1.1.1.1"]) == 5
+    assert await count(app, "SELECT count(*) FROM ip_hours WHERE ip = ?", [MALLORY]) == 0
+    # The address comes back: the trigger notes the hour again, and erasure finds it.
+    await store(app, hit_row(NOW, ip=MALLORY))
+    again = await client.post("/api/admin/subjects/erase", json={"ip": MALLORY}, headers=admin)
+    assert again.json()["hits"] == 1
+
+
+async def test_blocking_a_network_finds_its_addresses_in_every_hour(
+    app: CollectorApp, client: httpx.AsyncClient, tokens: dict[str, str], rollup: DailyRollup
+) -> None:
+    await store(
+        app,
+        hit_row(NOW - 3 * DAY, ip=MALLORY),
+        hit_row(NOW - DAY, ip="89.160.20.7"),
+        hit_row(NOW, visitor=BOB, ip="1.1.1.1"),
+    )
+    admin = bearer(tokens["admin"])
+    made = await client.post(
+        "/api/admin/blocks", json={"network": "89.160.20.0/24", "reason": "farm"}, headers=admin
+    )
+    assert made.status_code == 201, made.text
+    members = await app.storage.fetch_all("SELECT ip FROM block_ips ORDER BY ip")
+    assert [r["ip"] for r in members] == ["89.160.20.112", "89.160.20.7"]
+    assert (NOW - 3 * DAY, NOW - DAY + 1) in rollup.calls
+
+
 async def test_blocking_a_visitor_rebuilds_the_span_of_all_its_hours(
     app: CollectorApp, client: httpx.AsyncClient, tokens: dict[str, str], rollup: DailyRollup
 ) -> None:
@@ -369,28 +440,38 @@ async def test_retention_forgets_the_hours_of_purged_hits_only(
     assert done.json()["rows"] == 2
     hours = await app.storage.fetch_all("SELECT visitor_id, hour FROM visitor_hours")
     assert hours == [{"visitor_id": ALICE, "hour": (NOW - DAY) // HOUR}]
+    ip_hours = await app.storage.fetch_all("SELECT ip, hour FROM ip_hours")
+    assert ip_hours == [{"ip": "81.2.69.142", "hour": (NOW - DAY) // HOUR}]
 
 
 async def test_upgrading_a_store_notes_the_hours_of_the_hits_it_holds(
     backend_settings: Settings,
 ) -> None:
-    # A store from before migration 0013: visitor index, no visitor_hours, hits already held.
+    # A store from before migrations 0013 and 0014: visitor and IP indexes, no hours
+    # tables, hits already held.
     downgrade = {
         "sqlite": [
             "DROP TRIGGER hits_visitor_hours",
             "DROP TABLE visitor_hours",
             "CREATE INDEX hits_visitor ON hits (visitor_id, ts_ms)",
+            "DROP TRIGGER hits_ip_hours",
+            "DROP TABLE ip_hours",
+            "CREATE INDEX hits_ip ON hits (ip, ts_ms)",
         ],
         "postgres": [
             "DROP TRIGGER hits_visitor_hours ON hits",
             "DROP FUNCTION note_visitor_hours",
             "DROP TABLE visitor_hours",
             "CREATE INDEX hits_visitor ON hits (visitor_id, ts_ms)",
+            "DROP TRIGGER hits_ip_hours ON hits",
+            "DROP FUNCTION note_ip_hours",
+            "DROP TABLE ip_hours",
+            "CREATE INDEX hits_ip ON hits (ip, ts_ms)",
         ],
     }[backend_settings.storage.backend]
     app = create_app(backend_settings)
     async with app.lifespan(app.starlette):
-        for sql in [*downgrade, "DELETE FROM schema_version WHERE version = 13"]:
+        for sql in [*downgrade, "DELETE FROM schema_version WHERE version IN (13, 14)"]:
             await app.storage.execute(sql)
         await store(app, hit_row(NOW - 2 * DAY), hit_row(NOW), hit_row(NOW, visitor=BOB))
     app = create_app(backend_settings)
@@ -403,12 +484,21 @@ async def test_upgrading_a_store_notes_the_hours_of_the_hits_it_holds(
             (ALICE, NOW // HOUR),
             (BOB, NOW // HOUR),
         ]
+        ip_hours = await app.storage.fetch_all("SELECT ip, hour FROM ip_hours ORDER BY hour")
+        assert [(r["ip"], r["hour"]) for r in ip_hours] == [
+            ("81.2.69.142", (NOW - 2 * DAY) // HOUR),
+            ("81.2.69.142", NOW // HOUR),
+        ]
         admin = bearer(await app.tokens.create("root", "admin"))
         async with client_for(app) as client:
             erased = await client.post(
                 "/api/admin/subjects/erase", json={"visitor": ALICE}, headers=admin
             )
-        assert erased.json()["hits"] == 2
+            assert erased.json()["hits"] == 2
+            by_ip = await client.post(
+                "/api/admin/subjects/erase", json={"ip": "81.2.69.142"}, headers=admin
+            )
+            assert by_ip.json()["hits"] == 1  # Bob's
 
 
 async def test_breach_report_lists_the_visitors_to_inform(
