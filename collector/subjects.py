@@ -96,6 +96,7 @@ def personal_tables() -> list[PersonalTable]:
 
 
 IpHash = Callable[[str], str]
+_DELETE_CHUNK = 500  # hits per page of an erasure (one DELETE by id each)
 
 
 async def table_columns(storage: Storage, table: str) -> list[str] | None:
@@ -274,14 +275,7 @@ async def erase(
     ]
     async with storage.transaction() as tx:
         scopes = await hits_where(tx, subject)  # before the hours tables lose the subject
-        when = await span_of(tx, scopes)
-        found: set[str] = set()
-        hits = 0
-        for clause, params in scopes:
-            ids = await tx.fetch_all(f"SELECT DISTINCT consent_id FROM hits WHERE {clause}", params)
-            found.update(r["consent_id"] for r in ids if r["consent_id"])
-            hits += await tx.execute(f"DELETE FROM hits WHERE {clause}", params)
-        consent_ids = sorted(found)
+        hits, when, consent_ids = await _delete_hits(tx, scopes)
         counts = {
             t.name: await tx.execute(f"DELETE FROM {t.name} WHERE {col} = ?", [subject.value])
             for t, col in tables
@@ -299,6 +293,46 @@ async def erase(
         if when is not None:
             await rebuild(tx, rebuilders, when)
     return Erased(hits, len(kept), changed, counts, when)
+
+
+async def _delete_hits(
+    tx: Transaction, scopes: Sequence[tuple[str, Sequence[Any]]]
+) -> tuple[int, tuple[int, int] | None, list[str]]:
+    """Delete the hits the WHERE clauses ``scopes`` select: how many, their span
+    [first, last + 1) and their consent ids.
+
+    Each scope (a run of the subject's hours: there is no index on its value) is read
+    once, a page at a time, and its rows deleted by id, where selecting the consent ids,
+    the span and then deleting by the clause read it three times. Each page names its
+    time range, so that PostgreSQL reads only the partitions that hold it.
+    """
+    deleted = 0
+    lo: int | None = None
+    hi = 0
+    consent_ids: set[str] = set()
+    for clause, params in scopes:
+        since: list[int] = []  # deleted rows are gone: the next page starts at the last time
+        while True:
+            page = await tx.fetch_all(
+                f"SELECT id, ts_ms, consent_id FROM hits WHERE {clause}"
+                f"{' AND ts_ms >= ?' if since else ''} ORDER BY ts_ms LIMIT {_DELETE_CHUNK}",
+                [*params, *since],
+            )
+            if not page:
+                break
+            first, last = page[0]["ts_ms"], page[-1]["ts_ms"]
+            lo = first if lo is None else min(lo, first)
+            hi = max(hi, last + 1)
+            consent_ids.update(r["consent_id"] for r in page if r["consent_id"])
+            marks = ", ".join("?" * len(page))
+            deleted += await tx.execute(
+                f"DELETE FROM hits WHERE ts_ms >= ? AND ts_ms <= ? AND id IN ({marks})",
+                [first, last, *(r["id"] for r in page)],
+            )
+            if len(page) < _DELETE_CHUNK:
+                break
+            since = [last]
+    return deleted, (lo, hi) if lo is not None else None, sorted(consent_ids)
 
 
 async def _exists(tx: Transaction, tables: list[tuple[PersonalTable, str]], name: str) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from collector import retention
+from collector import retention, subjects
 from collector.app import CollectorApp, create_app
 from collector.config import Settings
 from collector.consent_records import ConsentRecord
@@ -399,6 +399,29 @@ async def test_an_ip_is_found_in_every_hour_without_an_index_on_hits(
     await store(app, hit_row(NOW, ip=MALLORY))
     again = await client.post("/api/admin/subjects/erase", json={"ip": MALLORY}, headers=admin)
     assert again.json()["hits"] == 1
+
+
+async def test_erasure_deletes_a_busy_subject_page_by_page(
+    app: CollectorApp,
+    client: httpx.AsyncClient,
+    tokens: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Erasure reads the subject's hours a page at a time and deletes by id; pages of 7
+    # over 60 hits, three to a millisecond, so that pages end inside a run of equal times.
+    monkeypatch.setattr(subjects, "_DELETE_CHUNK", 7)
+    start = NOW - 3 * HOUR
+    mine = [hit_row(start + k // 3, ip=MALLORY, consent=f"c-{k % 4}") for k in range(57)]
+    mine.append(hit_row(NOW - DAY, ip=MALLORY, consent="c-9"))  # another run of hours
+    others = [hit_row(start + k // 3, visitor=BOB, ip="1.1.1.1") for k in range(30)]
+    await store(app, *sorted(mine + others, key=lambda h: h.ts_ms))
+    admin = bearer(tokens["admin"])
+    erased = await client.post("/api/admin/subjects/erase", json={"ip": MALLORY}, headers=admin)
+    assert erased.status_code == 200, erased.text
+    assert erased.json()["hits"] == 58
+    assert erased.json()["span_ms"] == [NOW - DAY, start + 56 // 3 + 1]
+    assert await count(app, "SELECT count(*) FROM hits WHERE ip || '' = ?", [MALLORY]) == 0
+    assert await count(app, "SELECT count(*) FROM hits WHERE ip = ?", ["1.1.1.1"]) == 30
 
 
 async def test_blocking_a_network_finds_its_addresses_in_every_hour(
