@@ -32,15 +32,11 @@ from collector.storage.base import Storage, Transaction
 HOUR_MS = 3_600_000
 
 Kind = Literal["visitor", "ip"]
-# kind -> (table, its column, the column of hits it notes)
+# kind -> (the hours table, its column and the column of hits it notes: the same name)
 _TABLES: dict[str, tuple[str, str]] = {
     "visitor": ("visitor_hours", "visitor_id"),
     "ip": ("ip_hours", "ip"),
 }
-
-
-def table_of(kind: Kind) -> str:
-    return _TABLES[kind][0]
 
 
 async def ranges(

@@ -389,7 +389,7 @@ async def test_an_ip_is_found_in_every_hour_without_an_index_on_hits(
     admin = bearer(tokens["admin"])
     data = (await client.get(f"/api/admin/subjects?ip={MALLORY}", headers=admin)).json()
     assert [h["id"] for h in data["hits"]] == [r["id"] for r in scan]  # all, in time order
-    assert len(data["ip_hours"]) == 5  # the 2nd and 3rd hits share an hour, so do the last
+    assert len(data["ip_hours"]) == 5  # the 2nd and 3rd hits share an hour, so do the last two
     erased = await client.post("/api/admin/subjects/erase", json={"ip": MALLORY}, headers=admin)
     assert erased.json()["hits"] == 7 and erased.json()["span_ms"] == [start + 5, NOW]
     assert await count(app, "SELECT count(*) FROM hits WHERE ip || '' = ?", [MALLORY]) == 0
@@ -408,7 +408,7 @@ async def test_erasure_deletes_a_busy_subject_page_by_page(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Erasure reads the subject's hours a page at a time and deletes by id; pages of 7
-    # over 60 hits, three to a millisecond, so that pages end inside a run of equal times.
+    # over 58 hits, three to a millisecond, so that pages end inside a run of equal times.
     monkeypatch.setattr(subjects, "_DELETE_CHUNK", 7)
     start = NOW - 3 * HOUR
     mine = [hit_row(start + k // 3, ip=MALLORY, consent=f"c-{k % 4}") for k in range(57)]
