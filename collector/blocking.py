@@ -39,7 +39,7 @@ from collector.block_targets import (
 )
 from collector.errors import Conflict, InputError, NotFound, StorageError, Unprocessable
 from collector.storage.base import HitRow, Storage, Transaction
-from collector.subjects import Subject, hits_where, rebuild, span_of
+from collector.subjects import Subject, rebuild, span_of
 
 __all__ = [
     "MIN_PREFIX",
@@ -227,7 +227,7 @@ async def _span(
         members = "SELECT ip FROM block_ips WHERE block_id = ?"
         scopes = await subject_hours.where_in(tx, "ip", members, [block_id])
     else:
-        scopes = await hits_where(tx, Subject("visitor" if kind == "visitor" else "ip", value))
+        scopes = await subject_hours.where(tx, "visitor" if kind == "visitor" else "ip", value)
     if since_ms is not None:
         scopes = [(f"{where} AND ts_ms >= ?", [*params, since_ms]) for where, params in scopes]
     return await span_of(tx, scopes)

@@ -120,11 +120,6 @@ async def hits_where(db: Transaction | Storage, subject: Subject) -> list[tuple[
     return await subject_hours.where(db, subject.kind, subject.value)
 
 
-async def span(tx: Transaction | Storage, subject: Subject) -> tuple[int, int] | None:
-    """[first, last + 1) of the subject's hits, or None without hits."""
-    return await span_of(tx, await hits_where(tx, subject))
-
-
 async def span_of(
     tx: Transaction | Storage, scopes: Sequence[tuple[str, Sequence[Any]]]
 ) -> tuple[int, int] | None:
