@@ -9,7 +9,11 @@ DPO wait for: the IP lookup's first page of raw hits and every page, a subject e
 and one erasure. Last, for comparison, the first page through the old ``(ip, ts_ms)``
 index, created for the purpose.
 
-    python -m bench.subject_lookup [--hits 1000000]
+``--days D`` spreads ``--hits`` over D days (both planted addresses in the last one), as
+a store that keeps its retention period does; it also times the engineers' IP page
+(``ipreport.lookup``, 30 days), which reads the per-IP statistics of every day.
+
+    python -m bench.subject_lookup [--hits 1000000] [--days 1]
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from typing import Any
 
 from collector.aggregates import aggregators
 from collector.config import load_settings
-from collector.ipreport import _HIT_FIELDS, raw_hits
+from collector.geo import GeoIP
+from collector.ipreport import _HIT_FIELDS, lookup, raw_hits
 from collector.storage import open_storage
 from collector.storage.base import Batch, HitRow, Storage
 from collector.subjects import Subject, erase, export
@@ -46,11 +51,13 @@ def _hit(ts_ms: int, ip: str, visitor: str) -> HitRow:
     )  # fmt: skip
 
 
-def _day(n: int, day0: int) -> list[HitRow]:
+def _days(n: int, day0: int, days: int) -> list[HitRow]:
+    """``n`` random hits over ``days`` days ending with ``day0``'s, and the planted ones."""
     rnd = random.Random(1)
+    start = day0 - (days - 1) * DAY_MS
     rows = [
         _hit(
-            day0 + i * DAY_MS // n,
+            start + i * days * DAY_MS // n,
             f"10.{rnd.randrange(256)}.{rnd.randrange(256)}.{rnd.randrange(1, 255)}",
             f"{rnd.getrandbits(128):032x}",
         )
@@ -78,17 +85,23 @@ async def _every_page(storage: Storage, ip: str) -> None:
             return
 
 
-async def _main(n: int) -> None:
+async def _main(n: int, days: int) -> None:
     work = Path(tempfile.mkdtemp(prefix="collector-subjects-"))
     settings = load_settings(None, environ={"COLLECTOR_STORAGE_PATH": str(work / "c.db")})
     storage = open_storage(settings, aggregators(settings))
     await storage.open()
     try:
         day0 = (int(time.time() * 1000) // DAY_MS - 1) * DAY_MS
-        rows = _day(n, day0)
+        rows = _days(n, day0, days)
         for i in range(0, len(rows), 8000):
             await storage.write_batch(Batch(hits=rows[i : i + 8000]))
-        print(f"{len(rows):,} hits stored in one day")
+        print(f"{len(rows):,} hits stored over {days} day(s)")
+        geoip = GeoIP(settings.geoip)
+        for name, ip in (("busy address", BUSY), ("sparse address", SPARSE)):
+            spent = await _median_ms(
+                functools.partial(lookup, storage, geoip, settings.fraud, ip, days=30)
+            )
+            print(f"IP page (30 days of statistics, first page of hits), {name}: {spent:.1f} ms")
         for name, ip in (("busy address", BUSY), ("sparse address", SPARSE)):
             first = await _median_ms(functools.partial(raw_hits, storage, ip, None, 50, False))
             every = await _median_ms(functools.partial(_every_page, storage, ip))
@@ -118,7 +131,9 @@ async def _main(n: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--hits", type=int, default=1_000_000)
-    asyncio.run(_main(ap.parse_args(argv).hits))
+    ap.add_argument("--days", type=int, default=1, help="days the hits are spread over")
+    args = ap.parse_args(argv)
+    asyncio.run(_main(args.hits, args.days))
 
 
 if __name__ == "__main__":

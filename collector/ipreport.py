@@ -20,7 +20,7 @@ from collector.enrich import normalize_ip
 from collector.errors import InputError
 from collector.fraud import DayStats, evaluate
 from collector.geo import GeoInfo, GeoIP
-from collector.ipstats import DAY_MS, day_of, network_of
+from collector.ipstats import DAY_MS, by_ip, day_of, network_of
 from collector.storage.base import Storage
 from collector.visibility import VISIBLE
 
@@ -189,9 +189,9 @@ async def lookup(
     last = date or today()
     first = day_of(int(time.mktime(time.strptime(last, "%Y-%m-%d")) * 1000) - days * DAY_MS)
     found = await storage.fetch_all(
-        "SELECT day FROM ipstat_daily WHERE ip = ? AND day > ? "
-        "AND day <= ? UNION SELECT day FROM ipstat_unconsented WHERE ip = ? AND day > ? "
-        "AND day <= ? ORDER BY day DESC",
+        f"SELECT day FROM ipstat_daily WHERE {by_ip('ipstat_daily')} AND day > ? "
+        f"AND day <= ? UNION SELECT day FROM ipstat_unconsented WHERE "
+        f"{by_ip('ipstat_unconsented')} AND day > ? AND day <= ? ORDER BY day DESC",
         [ip, first, last, ip, first, last],
     )
     geo = geoip.lookup(ip)

@@ -70,6 +70,15 @@ class PersonalTable:
     def column_for(self, subject: Subject) -> str | None:
         return self.ip_column if subject.kind == "ip" else self.visitor_column
 
+    def where(self, subject: Subject) -> str | None:
+        """The clause (one ``?``: the subject's value) selecting its rows, or None."""
+        column = self.column_for(subject)
+        if column is None:
+            return None
+        if column == "ip" and self.name in ipstats.DAY_KEYED:
+            return ipstats.by_ip(self.name)  # keyed by (day, ip): a seek per day
+        return f"{column} = ?"
+
 
 def personal_tables() -> list[PersonalTable]:
     """Tables that export and erasure cover besides hits; features add theirs here.
@@ -179,10 +188,10 @@ async def export(
         ),
     }
     for table in personal_tables():
-        column = table.column_for(subject)
-        if column and await table_columns(storage, table.name) is not None:
+        rows_of = table.where(subject)
+        if rows_of and await table_columns(storage, table.name) is not None:
             out[table.name] = await storage.fetch_all(
-                f"SELECT * FROM {table.name} WHERE {column} = ?", [subject.value]
+                f"SELECT * FROM {table.name} WHERE {rows_of}", [subject.value]
             )
     return out
 
@@ -264,16 +273,16 @@ async def erase(
     """
     consent_cols = await table_columns(storage, "consent_records")
     tables = [
-        (t, col)
+        (t, clause)
         for t in personal_tables()
-        if (col := t.column_for(subject)) and await table_columns(storage, t.name) is not None
+        if (clause := t.where(subject)) and await table_columns(storage, t.name) is not None
     ]
     async with storage.transaction() as tx:
         scopes = await hits_where(tx, subject)  # before the hours tables lose the subject
         hits, when, consent_ids = await _delete_hits(tx, scopes)
         counts = {
-            t.name: await tx.execute(f"DELETE FROM {t.name} WHERE {col} = ?", [subject.value])
-            for t, col in tables
+            t.name: await tx.execute(f"DELETE FROM {t.name} WHERE {clause}", [subject.value])
+            for t, clause in tables
         }
         if await _exists(tx, tables, "ipstat_daily"):
             # Rows naming the subject as a value (an IP among a visitor's IPs, ...).

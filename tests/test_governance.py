@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from collector import retention, subjects
+from collector import ipstats, retention, subjects
 from collector.app import CollectorApp, create_app
 from collector.config import Settings
 from collector.consent_records import ConsentRecord
@@ -399,6 +399,40 @@ async def test_an_ip_is_found_in_every_hour_without_an_index_on_hits(
     await store(app, hit_row(NOW, ip=MALLORY))
     again = await client.post("/api/admin/subjects/erase", json={"ip": MALLORY}, headers=admin)
     assert again.json()["hits"] == 1
+
+
+async def test_an_ips_statistics_are_found_on_every_day_by_their_key(
+    app: CollectorApp, client: httpx.AsyncClient, tokens: dict[str, str]
+) -> None:
+    # The per-IP tables are keyed by (day, ip) and have no index on the IP: export,
+    # erasure and the engineers' IP page read an address's rows day by day
+    # (ipstats.by_ip). The truth is a full scan of each table.
+    today = NOW // DAY * DAY
+    days = [today, today - 3 * DAY, today - 4 * DAY, today - 20 * DAY]
+    await store(app, *(hit_row(d + 5, ip=MALLORY) for d in days[:3]))
+    await store(app, *(hit_row(d + 6, visitor=BOB, ip="1.1.1.1") for d in days))
+    # A request without consent, on a day the address has no hit (3.3.2 counters).
+    await app.storage.write_batch(Batch(unconsented_ips=[(days[3] + 7, MALLORY, "")]))
+
+    async def rows_of(ip: str) -> dict[str, list[dict[str, Any]]]:
+        return {
+            t: await app.storage.fetch_all(f"SELECT * FROM {t} WHERE ip || '' = ?", [ip])
+            for t in sorted(ipstats.DAY_KEYED)
+        }
+
+    truth = await rows_of(MALLORY)
+    assert len(truth["ipstat_daily"]) == 3 and len(truth["ipstat_unconsented"]) == 1
+    admin = bearer(tokens["admin"])
+    data = (await client.get(f"/api/admin/subjects?ip={MALLORY}", headers=admin)).json()
+    for table, rows in truth.items():
+        assert sorted(map(repr, data[table])) == sorted(map(repr, rows)), table
+    page = await client.get(f"/api/ip/{MALLORY}", headers=bearer(tokens["engineer"]))
+    listed = [d["date"] for d in page.json()["days"]]
+    assert listed == [ipstats.day_of(d) for d in days]  # newest first, the unconsented too
+    await client.post("/api/admin/subjects/erase", json={"ip": MALLORY}, headers=admin)
+    assert not any((await rows_of(MALLORY)).values())
+    other = await rows_of("1.1.1.1")
+    assert len(other["ipstat_daily"]) == 4 and other["ipstat_values"]
 
 
 async def test_erasure_deletes_a_busy_subject_page_by_page(
