@@ -186,7 +186,9 @@ def wrk(
         "--timeout", "5s", "-s", str(LUA), f"{url}/p.gif", "--", str(data), str(delay_ms),
     ]  # fmt: skip
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    ticks = _cpu_ticks()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    busy = _busy(ticks, _cpu_ticks())
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     for line in out.splitlines():
         if line.startswith("BENCH "):
@@ -195,8 +197,27 @@ def wrk(
             # wrk's own CPU (taskset execs it): it shares CPU 0 with the writer process.
             spent = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
             result["wrk_cpu_us"] = spent / max(result["requests"], 1) * 1e6
+            result["cpu_busy"] = busy
             return result
     raise RuntimeError(f"wrk printed no result:\n{out}")
+
+
+def _cpu_ticks() -> list[tuple[int, int]]:
+    """(busy, total) jiffies of each CPU since boot, from /proc/stat."""
+    found = []
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name != "cpu":
+            ticks = [int(x) for x in fields[:8]]
+            idle = ticks[3] + ticks[4]  # idle + iowait
+            found.append((sum(ticks) - idle, sum(ticks)))
+    return found
+
+
+def _busy(before: list[tuple[int, int]], after: list[tuple[int, int]]) -> list[float]:
+    """Each CPU's busy share between two readings (all processes, the kernel's included):
+    which core is the limit in a round, where per-process CPU only tells who used it."""
+    return [(b1 - b0) / max(1, t1 - t0) for (b0, t0), (b1, t1) in zip(before, after, strict=True)]
 
 
 def queue_depth(server: Server) -> int:
@@ -392,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"round {r + 1} {name:9} {res['rps']:9.0f} req/s  "
                     f"p50 {_ms(res['p50_us'])} ms  p99 {_ms(res['p99_us'])} ms  "
                     f"cpu {res['cpu_us']:.0f} (+ writer {res['writer_cpu_us']:.0f}; "
-                    f"wrk {res['wrk_cpu_us']:.0f}) us/req"
+                    f"wrk {res['wrk_cpu_us']:.0f}) us/req  busy "
+                    + " ".join(f"cpu{i} {100 * b:.0f}%" for i, b in enumerate(res["cpu_busy"]))
                 )
                 if server_db is not None:
                     depth.stopped.set()
@@ -432,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                 "cpu_us_per_request": _med([x["cpu_us"] for x in rs]),
                 "writer_cpu_us_per_request": _med([x["writer_cpu_us"] for x in rs]),
                 "wrk_cpu_us_per_request": _med([x["wrk_cpu_us"] for x in rs]),
+                "cpu_busy": [_med(list(b)) for b in zip(*(x["cpu_busy"] for x in rs), strict=True)],
             }
             if name != "bare":
                 ratios = [c["rps"] / b["rps"] for b, c in zip(runs["bare"], rs, strict=True)]
@@ -576,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     load = results["load"]
     print(
         "\n| | req/s | stored req/s | p50 ms | p99 ms | CPU us/req serving | + writer process "
-        "| wrk | /bare |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| wrk | CPU 0 / CPU 1 busy | /bare |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     for name in runs:
         x = load[name]
@@ -584,7 +607,9 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | {x['rps']:.0f} | {x['stored_rps']:.0f} | {x['p50_ms']:.2f} "
             f"| {x['p99_ms']:.2f} "
             f"| {x['cpu_us_per_request']:.1f} | {x['writer_cpu_us_per_request']:.1f} "
-            f"| {x['wrk_cpu_us_per_request']:.1f} | {x.get('ratio_median', 1.0):.2f} |"
+            f"| {x['wrk_cpu_us_per_request']:.1f} "
+            f"| {' / '.join(f'{100 * b:.0f}%' for b in x['cpu_busy'])} "
+            f"| {x.get('ratio_median', 1.0):.2f} |"
         )
     print(
         f"\ncollector/bare: {load['ratio_median']:.2f} "
