@@ -599,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     load = results["load"]
     print(
         "\n| | req/s | stored req/s | p50 ms | p99 ms | CPU us/req serving | + writer process "
-        "| wrk | CPU 0 / CPU 1 busy | /bare |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| wrk | busy per CPU | /bare |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     for name in runs:
         x = load[name]

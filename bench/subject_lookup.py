@@ -96,12 +96,12 @@ async def _main(n: int, days: int) -> None:
         for i in range(0, len(rows), 8000):
             await storage.write_batch(Batch(hits=rows[i : i + 8000]))
         print(f"{len(rows):,} hits stored over {days} day(s)")
-        geoip = GeoIP(settings.geoip)
+        geoip = GeoIP(settings.geoip)  # no databases configured: nothing to open or close
         for name, ip in (("busy address", BUSY), ("sparse address", SPARSE)):
             spent = await _median_ms(
                 functools.partial(lookup, storage, geoip, settings.fraud, ip, days=30)
             )
-            print(f"IP page (30 days of statistics, first page of hits), {name}: {spent:.1f} ms")
+            print(f"IP page (a 30-day window, first page of hits), {name}: {spent:.1f} ms")
         for name, ip in (("busy address", BUSY), ("sparse address", SPARSE)):
             first = await _median_ms(functools.partial(raw_hits, storage, ip, None, 50, False))
             every = await _median_ms(functools.partial(_every_page, storage, ip))

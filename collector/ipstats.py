@@ -60,15 +60,11 @@ DAY_KEYED = frozenset((*_TABLES, "ipstat_unconsented"))
 
 
 def by_ip(table: str) -> str:
-    """``ip = ? AND day IN (...)``: an address's rows of a ``DAY_KEYED`` table, one key
-    seek per day the table holds.
+    """``ip = ? AND day IN (...)``: an address's rows of a ``DAY_KEYED`` table, read by
+    key one day at a time, the days themselves walked on the key (a loose index scan).
 
-    Their keys start with the day, so that a batch's upserts land on the day's pages;
-    ``ip = ?`` alone scanned the whole table (~150 ms for an export on a store of 1M
-    hits). An index on the IP would cost the writer on every hit, while the days are few
-    (retention): they are walked on the key itself, one seek each (a loose index scan,
-    the same SQL in SQLite and PostgreSQL), then each day's rows of the address are
-    read by key (docs/PERFORMANCE.md, session 8).
+    ``ip = ?`` alone scanned the table, and an index on the IP would cost the writer on
+    every hit, while the days are few (docs/PERFORMANCE.md, session 8).
     """
     return (
         f"ip = ? AND day IN (WITH RECURSIVE d(day) AS (SELECT min(day) FROM {table} "

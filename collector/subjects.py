@@ -75,7 +75,7 @@ class PersonalTable:
         column = self.column_for(subject)
         if column is None:
             return None
-        if column == "ip" and self.name in ipstats.DAY_KEYED:
+        if column == self.ip_column == "ip" and self.name in ipstats.DAY_KEYED:
             return ipstats.by_ip(self.name)  # keyed by (day, ip): a seek per day
         return f"{column} = ?"
 

@@ -20,7 +20,8 @@ answer makes the worker send that batch again (at-least-once, like the PostgreSQ
 spool); a crash before COMMIT loses nothing, SQLite rolls the batch back.
 
 Wire format: a 4-byte big-endian length, then ``marshal`` data of plain tuples, lists,
-dicts, strings and ints; ``marshal`` runs no code when it loads. The socket lives in a
+dicts, strings, ints and bytes (the hits travel as ``marshal`` strings of up to 2,048
+rows each: ``encode_batch``); ``marshal`` runs no code when it loads. The socket lives in a
 fresh 0700 directory, so only the server's own user can connect.
 
 Lifetime: the process ignores SIGINT and SIGTERM and runs in its own session, so a
@@ -76,7 +77,7 @@ async def encode_batch(batch: Batch, dropped: Counter[str]) -> bytes:
     sharing of repeated strings, so the writer process decodes them about as fast.
     """
     hits = batch.hits
-    slices = []
+    slices: list[bytes] = []
     for start in range(0, len(hits), _ENCODE_SLICE):
         if start:
             await asyncio.sleep(0)

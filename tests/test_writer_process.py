@@ -7,6 +7,7 @@ through /proc as the child running ``collector.writer_process``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -167,9 +168,7 @@ def test_writer_process_ends_when_serve_is_killed(serve: Callable[..., Server]) 
     wait_until(lambda: not alive(writer))  # no orphan: its stdin closed with the parent
 
 
-async def test_a_big_batch_crosses_to_the_writer_whole_and_in_order_without_stalling_pixels() -> (
-    None
-):
+async def test_a_big_batch_is_marshalled_in_slices_whole_and_in_order_between_pixels() -> None:
     # A worker marshals a batch in slices and lets the event loop answer pixels between
     # them (one 8,000-hit marshal was a ~7 ms stall, most of the flat-out p99). The
     # writer process must still get every hit, in order, with the batch's counters.
@@ -201,7 +200,9 @@ async def test_a_big_batch_crosses_to_the_writer_whole_and_in_order_without_stal
     before = ticks
     payload = await encode_batch(batch, Counter(blocked=2))
     answering.cancel()
-    assert ticks - before == 2  # the loop ran between the three slices
+    with contextlib.suppress(asyncio.CancelledError):
+        await answering
+    assert ticks - before >= 2  # the loop ran between the three slices
     decoded, dropped = decode_batch(payload)
     assert decoded.hits == hits and all(type(h) is HitRow for h in decoded.hits)
     assert decoded.pixel_counts == batch.pixel_counts and decoded.hold
