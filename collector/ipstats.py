@@ -21,8 +21,8 @@ that rebuild runs; the governance code rebuilds after the list has settled.
 
 Duplicates within one batch are dropped in memory. A returning visitor's value row is
 usually stored already: ``window`` (used by the SQLite writer) leaves out the rows this
-process wrote before. ``rebuild``, ``erase_subject`` and ``purge`` (run by another
-connection, process or node) delete value rows, and a cache that still believed in them
+process wrote before. ``rebuild``, ``purge`` and erasure (``subjects.erase``; run by
+another connection, process or node) delete value rows, and a cache that still believed in them
 would skip their re-insertion and undercount, so each of them bumps the rewrite
 generation (``collector.rewrites``) in its transaction, and the writer empties the cache
 when it sees the generation move.
@@ -394,20 +394,3 @@ async def purge(tx: Transaction, before_ms: int) -> None:
     await rewrites.bump(tx)
     for table in _TABLES:
         await tx.execute(f"DELETE FROM {table} WHERE day < ?", [day_of(before_ms)])
-
-
-async def erase_subject(tx: Transaction, kind: str, value: str) -> None:
-    """Erasure: delete the rows that name an IP or a visitor id directly, the
-    unconsented counters included. Counts that merely included the subject (its
-    network, its IPs' visitor counts) are corrected by ``rebuild`` over the subject's
-    days once its hits are gone.
-    """
-    await rewrites.bump(tx)
-    if kind == "ip":
-        for table in sorted(DAY_KEYED):
-            await tx.execute(f"DELETE FROM {table} WHERE {by_ip(table)}", [value])
-        await tx.execute("DELETE FROM ipstat_unconsented_minute WHERE ip = ?", [value])
-    elif kind == "visitor":
-        await tx.execute("DELETE FROM ipstat_values WHERE visitor = ?", [value])
-    else:
-        raise ValueError(f"kind must be 'ip' or 'visitor', got {kind!r}")

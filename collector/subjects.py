@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from collector import ipstats, subject_hours
+from collector import ipstats, rewrites, subject_hours
 from collector.aggregates import Rebuilder
 from collector.enrich import normalize_ip
 from collector.errors import InputError, StorageError
@@ -75,7 +75,7 @@ class PersonalTable:
         column = self.column_for(subject)
         if column is None:
             return None
-        if column == self.ip_column == "ip" and self.name in ipstats.DAY_KEYED:
+        if subject.kind == "ip" and self.name in ipstats.DAY_KEYED:
             return ipstats.by_ip(self.name)  # keyed by (day, ip): a seek per day
         return f"{column} = ?"
 
@@ -285,8 +285,10 @@ async def erase(
             for t, clause in tables
         }
         if await _exists(tx, tables, "ipstat_daily"):
-            # Rows naming the subject as a value (an IP among a visitor's IPs, ...).
-            await ipstats.erase_subject(tx, subject.kind, subject.value)
+            # The per-IP rows went with the personal tables above. A writer that stored
+            # value rows before leaves them out of later batches until the rewrite
+            # generation moves: it must learn that these are gone (collector.ipstats).
+            await rewrites.bump(tx)
         # Released blocks are history; active ones must keep naming the subject to work.
         counts["blocks"] = await tx.execute(
             "UPDATE blocks SET value = ? WHERE kind = ? AND value = ? AND released_at IS NOT NULL",

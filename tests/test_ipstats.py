@@ -16,11 +16,12 @@ from typing import Any
 import httpx
 import pytest
 
-from collector import ipstats
+from collector import ipstats, subjects
 from collector.aggregates import aggregators
 from collector.app import CollectorApp, create_app
 from collector.storage import open_storage
 from collector.storage.base import Batch, HitRow
+from collector.subjects import Subject
 from tests.conftest import (
     GEOIP,
     IPHONE_UA,
@@ -219,9 +220,8 @@ async def test_value_cache_never_skips_a_row_a_rewrite_deleted(app: CollectorApp
     other = open_storage(app.settings)
     await other.open()
     try:
-        async with other.transaction() as tx:
-            await ipstats.erase_subject(tx, "visitor", "visitor-1")
-            await ipstats.erase_subject(tx, "ip", NORMAL_IPS[0])
+        await subjects.erase(other, Subject("visitor", "visitor-1"), "s" * 32, [])
+        await subjects.erase(other, Subject("ip", NORMAL_IPS[0]), "s" * 32, [])
     finally:
         await other.close()
     assert len((await snapshot(app))["ipstat_values"]) < len(before["ipstat_values"])
