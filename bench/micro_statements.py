@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import sqlite3
 import tempfile
 import time
@@ -149,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     # the same stream, the measured hits' "new" visitor ids would all be stored already).
     prefill = [enricher.row(h) for h in _visits(mix, args.prefill, earlier, seed=2)]
     geoip.close()
+    gc.collect()
+    gc.freeze()  # as the writer process does: the bench's own rows are not its heap
     with tempfile.TemporaryDirectory(prefix="collector-statements-") as tmp:
         for size in (int(x) for x in args.batch_sizes.split(",")):
             _measure(rows, size, Path(tmp), prefill, args.window, args.page_size)
