@@ -2,8 +2,9 @@
 
 Rollups for analysts (4) and per-IP statistics (3.3.2) are kept on write, in the
 transaction of the hits or (SQLite's writer process, ``SQLiteStorage.write_batch``) of a
-batch up to a second later, with the hits' id ranges on record meanwhile, so they never
-disagree for long with the rows they summarise and a crash loses none of them.
+batch up to ``storage.aggregate_max_age_ms`` (2 s) later, with the hits' id ranges on
+record meanwhile, so they never disagree for long with the rows they summarise and a
+crash loses none of them.
 ``rebuilders`` recompute them from the visible raw hits for a time range, after
 governance changed which hits count (blocking, release, erasure: 6.2.4).
 """

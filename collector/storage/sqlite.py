@@ -107,7 +107,6 @@ def hit_inserts(hits: Sequence[HitRow]) -> list[Statement]:
 
 
 _IDLE_S = 0.5  # a window nothing follows for this long ends on its own
-_MAX_AGE_S = 1.0  # and one that began this long ago ends with the next batch
 _ADD_PENDING = "INSERT INTO aggregate_pending (first_id, last_id) VALUES (?, ?)"
 _COUNT_PENDING = "SELECT count(*) FROM aggregate_pending"
 _CATCH_UP_PAGE = 5000
@@ -180,6 +179,8 @@ class SQLiteStorage:
         # writer process): see ``write_batch``.
         self._sole = sole_writer
         self.window_batches = settings.storage.aggregate_batches if sole_writer else 1
+        # A window that began this long ago ends with the next batch.
+        self.window_age_s = settings.storage.aggregate_max_age_ms / 1000
         self.path = Path(settings.storage.path)
         self._write: aiosqlite.Connection | None = None
         self._read: aiosqlite.Connection | None = None
@@ -280,19 +281,22 @@ class SQLiteStorage:
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
-        if self._write is not None and (self._window is not None or self._catch_up):
-            try:
-                await self.write_batch(Batch())  # the window's aggregates, before we go
-            except StorageError as exc:
-                logger.error("aggregates left for the next start to catch up: %s", exc.detail)
-        for attr in ("_read", "_admin", "_write"):
-            conn = getattr(self, attr)
-            setattr(self, attr, None)
-            if conn is not None:
+        # Under the batch lock: a window end the idle timer started may be waiting for it,
+        # and finds the storage closed (``_end_window``) instead of closed connections.
+        async with self._batch_lock:
+            if self._write is not None and (self._window is not None or self._catch_up):
                 try:
-                    await conn.close()
-                except sqlite3.Error:  # pragma: no cover - closing a broken file
-                    logger.exception("closing %s connection failed", attr)
+                    await self._write_batch(Batch())  # the window's aggregates, before we go
+                except StorageError as exc:
+                    logger.error("aggregates left for the next start to catch up: %s", exc.detail)
+            for attr in ("_read", "_admin", "_write"):
+                conn = getattr(self, attr)
+                setattr(self, attr, None)
+                if conn is not None:
+                    try:
+                        await conn.close()
+                    except sqlite3.Error:  # pragma: no cover - closing a broken file
+                        logger.exception("closing %s connection failed", attr)
 
     @property
     def writer(self) -> aiosqlite.Connection:
@@ -338,9 +342,9 @@ class SQLiteStorage:
         each batch is its own window. In the writer process, the file's one writer, a
         batch that allows it (``batch.hold``: nobody waits on a flush) leaves its
         aggregates in the window for the next batches, up to ``storage.aggregate_batches``
-        batches and ``_MAX_AGE_S``: keys repeat across batches, so a window costs less
-        per hit than its batches would alone. Aggregates thus lag the hits by about a
-        second at most.
+        batches and ``storage.aggregate_max_age_ms`` (2 s): keys repeat across batches,
+        so a window costs less per hit than its batches would alone. Aggregates thus lag
+        the hits by that age at most.
         Kept-back batches record their id range in ``aggregate_pending`` in their own
         transaction; the window's end writes the aggregates and deletes the ranges in
         one transaction. So a crash loses no aggregate (the next writer aggregates the
@@ -361,7 +365,7 @@ class SQLiteStorage:
             batch.hold
             and not self._catch_up
             and window.batches + 1 < self.window_batches
-            and time.monotonic() - window.started < _MAX_AGE_S
+            and time.monotonic() - window.started < self.window_age_s
         )
         # Pre-aggregating a batch is several us of Python per hit; in a worker thread the
         # GIL switch interval lets the event loop answer pixels meanwhile (p99), where
@@ -464,13 +468,14 @@ class SQLiteStorage:
         task.add_done_callback(self._idle_tasks.discard)
 
     async def _end_window(self) -> None:
-        if self._write is None or (self._window is None and not self._catch_up):
-            return
-        try:
-            await self.write_batch(Batch())
-        except StorageError as exc:
-            logger.warning("ending an aggregation window failed, retrying: %s", exc.detail)
-            self._end_when_idle()
+        async with self._batch_lock:  # the state is read after any batch under way
+            if self._write is None or (self._window is None and not self._catch_up):
+                return
+            try:
+                await self._write_batch(Batch())
+            except StorageError as exc:
+                logger.warning("ending an aggregation window failed, retrying: %s", exc.detail)
+                self._end_when_idle()
 
     async def ping(self) -> bool:
         try:
