@@ -79,10 +79,11 @@ class StorageSettings:
     # 1: every batch writes its own. A crash loses nothing: the next writer aggregates
     # those hits from the stored rows.
     aggregate_batches: int = 8
-    # ... and for at most this long: under sustained load the aggregates (dashboard,
-    # statistics API) lag the hits by up to this much; a window nothing follows ends
-    # within 0.5 s. At the bench's load a window of 1 s held ~12,000 hits and cost the
-    # writer 23.5 µs a request, one of 2 s 21.5 (docs/PERFORMANCE.md, session 9).
+    # ... and for at most this long (then it ends, whether or not a batch follows): under
+    # sustained load the aggregates (dashboard, statistics API) lag the hits by up to
+    # this much and one write; a window nothing follows ends within 0.5 s. At the bench's
+    # load a window of 1 s held ~12,000 hits and cost the writer 23.5 µs a request, one
+    # of 2 s 21.5 (docs/PERFORMANCE.md, session 9).
     aggregate_max_age_ms: int = 2000
     # PostgreSQL only: connections per process, connect/statement timeout, daily hits
     # partitions created ahead, and the local spool that holds batches while it is down.

@@ -1,8 +1,8 @@
 """Analyst rollups: hits and visitor sketches per hour/day and dimension (issue 4; 3.4, 6.2.2).
 
 Kept **on write**, in the batch writer's transactions (an ``Aggregator``), rather than
-by a periodic job: the rollups are exact and lag the hits they summarise by two seconds
-at most (``storage.aggregate_max_age_ms``; the dashboard shows the last minute), there
+by a periodic job: the rollups are exact and lag the hits they summarise by about two
+seconds at most (``storage.aggregate_max_age_ms``; the dashboard shows the last minute), there
 is no job to schedule, watch or catch up after downtime, and the cost is small because
 batches are pre-aggregated in Python first: a batch of 1,000 hits becomes one upsert per
 distinct (bucket, dimension, value), not per hit. SQLite's writer process sums up to

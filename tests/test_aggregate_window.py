@@ -3,7 +3,8 @@
 Rollups and IP statistics of consecutive batches may wait in memory (``Batch.hold``) and
 be written together (``SQLiteStorage.write_batch``). These tests hold that to what the
 analysts and the DPO rely on: the aggregates come out exactly as if every batch had
-written its own, they appear within about a second, a crash with a window open loses
+written its own, they lag the hits by the window's maximum age at most (half a second
+when nothing follows), a crash with a window open loses
 none of them, and a rebuild or an erasure meanwhile neither counts a hit twice nor
 brings an erased subject back.
 """
@@ -20,10 +21,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from collector import ipstats, rollups
 from collector.aggregates import aggregators, rebuilders
 from collector.config import Settings
 from collector.storage import open_storage
+from collector.storage import sqlite as sqlite_storage
 from collector.storage.base import Batch, HitRow, Storage
 from collector.subjects import Subject, erase
 from tests.conftest import SECRET, make_settings, rows
@@ -104,10 +108,10 @@ def rolled_up(db: Path) -> int:
     return int(found[0][0])
 
 
-def settings_for(tmp_path: Path, name: str) -> Settings:
+def settings_for(tmp_path: Path, name: str, **storage: Any) -> Settings:
     folder = tmp_path / name
     folder.mkdir()
-    return make_settings(folder)
+    return make_settings(folder, storage=storage)
 
 
 async def opened(settings: Settings, *, sole_writer: bool) -> Storage:
@@ -142,9 +146,12 @@ async def two_held(tmp_path: Path, name: str, written: list[Batch]) -> tuple[Sto
 
 
 async def test_a_window_writes_exactly_what_its_batches_would_have(tmp_path: Path) -> None:
-    n = make_settings(tmp_path).storage.aggregate_batches  # batches a window sums
+    n = 8  # batches a window sums
     written = batches(now_ms(), count=n + 2)
-    storage, settings = await two_held(tmp_path, "window", written)
+    settings = settings_for(tmp_path, "window", aggregate_batches=n, aggregate_max_age_ms=60_000)
+    storage = await opened(settings, sole_writer=True)
+    await storage.write_batch(written[0])
+    await storage.write_batch(written[1])
     db = Path(settings.storage.path)
     try:
         # Held: the hits are stored, their aggregates wait, their ranges are on record.
@@ -164,23 +171,31 @@ async def test_a_window_writes_exactly_what_its_batches_would_have(tmp_path: Pat
     assert snapshot(db) == await reference(tmp_path, written)
 
 
-async def test_a_window_ends_with_the_first_batch_after_its_maximum_age(tmp_path: Path) -> None:
-    # Under sustained load the age, not the batch count, ends a window: it bounds how far
-    # the dashboard's aggregates may lag the hits (storage.aggregate_max_age_ms).
-    folder = tmp_path / "age"
-    folder.mkdir()
-    settings = make_settings(folder, storage={"aggregate_max_age_ms": 300})
+async def test_a_window_ends_at_its_maximum_age_whether_or_not_batches_follow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The age bounds how far the dashboard's aggregates lag the hits
+    # (storage.aggregate_max_age_ms). The idle end is put out of reach, so that only the
+    # age can end these windows.
+    monkeypatch.setattr(sqlite_storage, "_IDLE_S", 60.0)
+    settings = settings_for(tmp_path, "age", aggregate_max_age_ms=300)
     db = Path(settings.storage.path)
     storage = await opened(settings, sole_writer=True)
     try:
-        first, second, third = batches(now_ms(), count=3)
-        third.hold = True
-        await storage.write_batch(first)
-        await storage.write_batch(second)
-        assert rolled_up(db) == 0 and pending(db) == 2  # young: both held
-        await asyncio.sleep(0.35)
-        await storage.write_batch(third)
-        assert rolled_up(db) == 900 and pending(db) == 0
+        # Batches every 0.1 s: a window holds ~3 of them, not the 8 it may by count.
+        held = []
+        for batch in batches(now_ms(), count=12)[:10]:
+            await storage.write_batch(batch)
+            held.append(pending(db))
+            await asyncio.sleep(0.1)
+        assert max(held) <= 5, held
+        assert rolled_up(db) >= 300 * 5
+        # Nothing follows the last two: they are written once their window is 0.3 s old.
+        started = time.monotonic()
+        while rolled_up(db) != 3000:
+            assert time.monotonic() - started < 5, "a window outlived its maximum age"
+            await asyncio.sleep(0.02)
+        assert pending(db) == 0
     finally:
         await storage.close()
 
@@ -293,10 +308,13 @@ async def test_an_erasure_during_a_window_leaves_no_trace_of_the_subject(tmp_pat
     assert snapshot(db) == await reference(tmp_path, kept)
 
 
-async def test_close_waits_for_a_window_end_already_under_way(tmp_path: Path) -> None:
+async def test_a_window_end_the_idle_timer_starts_during_a_batch_never_outlives_close(
+    tmp_path: Path,
+) -> None:
     # The idle timer of a held window may fire while another batch holds the write lock;
-    # its window end then waits for the lock. Closing meanwhile must not leave it to run
-    # on closed connections (an exception in a task nobody awaits, at every shutdown).
+    # its window end then waits for the lock. Once it has it, it must find the window
+    # ended and the storage as it is, not run on connections closed meanwhile (an
+    # exception in a task nobody awaits).
     failures: list[dict[str, Any]] = []
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(lambda _loop, context: failures.append(context))
@@ -304,8 +322,9 @@ async def test_close_waits_for_a_window_end_already_under_way(tmp_path: Path) ->
     storage = await opened(settings, sole_writer=True)
     first, last = batches(now_ms(), count=2)
     await storage.write_batch(first)  # held: its idle timer runs
-    ending = asyncio.create_task(storage.write_batch(last))  # ends the window, holds the lock
+    ending = asyncio.create_task(storage.write_batch(last))  # ends the window
     await asyncio.sleep(0)
+    assert storage._batch_lock.locked()  # type: ignore[attr-defined]
     storage._idle_end()  # type: ignore[attr-defined]  # the timer fires now
     await ending
     await storage.close()
@@ -316,3 +335,16 @@ async def test_close_waits_for_a_window_end_already_under_way(tmp_path: Path) ->
     assert failures == []
     db = Path(settings.storage.path)
     assert pending(db) == 0 and rolled_up(db) == 600
+
+
+async def test_close_waits_for_a_batch_under_way(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, "in-flight")
+    storage = await opened(settings, sole_writer=True)
+    (batch,) = batches(now_ms(), count=1)
+    writing = asyncio.create_task(storage.write_batch(batch))
+    await asyncio.sleep(0)
+    assert storage._batch_lock.locked()  # type: ignore[attr-defined]
+    await storage.close()
+    await writing  # stored before the connections closed, not failed by it
+    db = Path(settings.storage.path)
+    assert pending(db) == 0 and rolled_up(db) == 300

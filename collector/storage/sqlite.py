@@ -42,11 +42,11 @@ def _null(value: None) -> None:
     return value
 
 
-# Python 3.11's sqlite3 binds None through its adapter protocol: a registry miss, then
-# failed ``__adapt__`` and ``__conform__`` lookups whose AttributeError messages are
-# formatted and dropped, ~0.23 µs per NULL. A pixel hit binds 5-6 NULLs (cookies,
+# Python 3.11's sqlite3 binds None through its adapter protocol: a registry miss, a
+# failed ``__adapt__`` lookup whose AttributeError message is formatted and dropped, and
+# a ``__conform__`` lookup, ~0.23 µs per NULL. A pixel hit binds 5-6 NULLs (cookies,
 # placement, referrer, geo), ~1.2 µs of the writer's CPU per hit. An adapter found in the
-# registry skips the rest (0.02 µs); it returns None, so the value is still bound as NULL.
+# registry skips the rest (~0.05 µs); it returns None, so the value is bound as NULL.
 # Process-wide, as every ``register_adapter`` is: the same NULL for every connection.
 sqlite3.register_adapter(type(None), _null)
 
@@ -107,6 +107,9 @@ def hit_inserts(hits: Sequence[HitRow]) -> list[Statement]:
 
 
 _IDLE_S = 0.5  # a window nothing follows for this long ends on its own
+# The most hits a window sums: what 4 batches of 8,000 held before windows could last 2 s
+# and 8 batches. Its dicts, and the rows a catch-up re-reads, grow with it (RSS budget).
+_MAX_WINDOW_HITS = 32_000
 _ADD_PENDING = "INSERT INTO aggregate_pending (first_id, last_id) VALUES (?, ?)"
 _COUNT_PENDING = "SELECT count(*) FROM aggregate_pending"
 _CATCH_UP_PAGE = 5000
@@ -119,12 +122,13 @@ _PENDING_HITS = (
 class _Window:
     """Aggregates summed over consecutive batches (see ``SQLiteStorage.write_batch``)."""
 
-    __slots__ = ("batches", "generations", "parts", "ranges", "started")
+    __slots__ = ("batches", "generations", "hits", "parts", "ranges", "started")
 
     def __init__(self, generations: dict[str, int], parts: list[AggregateWindow]) -> None:
         self.generations = generations  # as read when it began: its sums assume them
         self.parts = parts
         self.batches = 0  # kept back so far
+        self.hits = 0  # in the batches kept back
         self.ranges = 0  # rows it put in aggregate_pending
         self.started = time.monotonic()
 
@@ -297,6 +301,9 @@ class SQLiteStorage:
                         await conn.close()
                     except sqlite3.Error:  # pragma: no cover - closing a broken file
                         logger.exception("closing %s connection failed", attr)
+            if self._idle is not None:  # set by a batch that held the lock before us
+                self._idle.cancel()
+                self._idle = None
 
     @property
     def writer(self) -> aiosqlite.Connection:
@@ -342,9 +349,10 @@ class SQLiteStorage:
         each batch is its own window. In the writer process, the file's one writer, a
         batch that allows it (``batch.hold``: nobody waits on a flush) leaves its
         aggregates in the window for the next batches, up to ``storage.aggregate_batches``
-        batches and ``storage.aggregate_max_age_ms`` (2 s): keys repeat across batches,
-        so a window costs less per hit than its batches would alone. Aggregates thus lag
-        the hits by that age at most.
+        batches, ``_MAX_WINDOW_HITS`` hits and ``storage.aggregate_max_age_ms`` (2 s): keys
+        repeat across batches, so a window costs less per hit than its batches would
+        alone. A window ends at its age even if no batch follows, so the aggregates lag
+        the hits by that age and one write at most.
         Kept-back batches record their id range in ``aggregate_pending`` in their own
         transaction; the window's end writes the aggregates and deletes the ranges in
         one transaction. So a crash loses no aggregate (the next writer aggregates the
@@ -365,6 +373,7 @@ class SQLiteStorage:
             batch.hold
             and not self._catch_up
             and window.batches + 1 < self.window_batches
+            and window.hits + len(batch.hits) < _MAX_WINDOW_HITS
             and time.monotonic() - window.started < self.window_age_s
         )
         # Pre-aggregating a batch is several us of Python per hit; in a worker thread the
@@ -418,6 +427,7 @@ class SQLiteStorage:
                 self._window, self._catch_up = None, True
             else:
                 window.batches += 1
+                window.hits += len(batch.hits)
                 self._window = window
             self._end_when_idle()
             return
@@ -456,10 +466,16 @@ class SQLiteStorage:
         return window
 
     def _end_when_idle(self) -> None:
-        """End a kept-back window that nothing follows (a worker stopped, traffic ended)."""
+        """End a kept-back window that nothing follows (a worker stopped, traffic ended)
+        within ``_IDLE_S``, and one that is still open at its maximum age then: the age
+        bounds how far the aggregates lag, whenever the next batch comes."""
         if self._idle is not None:
             self._idle.cancel()
-        self._idle = asyncio.get_running_loop().call_later(_IDLE_S, self._idle_end)
+        delay = _IDLE_S
+        if self._window is not None:
+            left = self._window.started + self.window_age_s - time.monotonic()
+            delay = max(0.0, min(delay, left))
+        self._idle = asyncio.get_running_loop().call_later(delay, self._idle_end)
 
     def _idle_end(self) -> None:
         self._idle = None
