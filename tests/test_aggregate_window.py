@@ -108,6 +108,14 @@ def rolled_up(db: Path) -> int:
     return int(found[0][0])
 
 
+async def wait_rolled_up(db: Path, hits: int, failure: str) -> None:
+    """Until the daily total rollup counts ``hits``; fails after 5 s with ``failure``."""
+    started = time.monotonic()
+    while rolled_up(db) != hits:
+        assert time.monotonic() - started < 5, failure
+        await asyncio.sleep(0.02)
+
+
 def settings_for(tmp_path: Path, name: str, **storage: Any) -> Settings:
     folder = tmp_path / name
     folder.mkdir()
@@ -136,9 +144,11 @@ def now_ms() -> int:
     return int(time.time() * 1000) - 3_600_000
 
 
-async def two_held(tmp_path: Path, name: str, written: list[Batch]) -> tuple[Storage, Settings]:
+async def two_held(
+    tmp_path: Path, name: str, written: list[Batch], **storage: Any
+) -> tuple[Storage, Settings]:
     """The writer process's storage with the first two of ``written`` in its window."""
-    settings = settings_for(tmp_path, name)
+    settings = settings_for(tmp_path, name, **storage)
     storage = await opened(settings, sole_writer=True)
     await storage.write_batch(written[0])
     await storage.write_batch(written[1])
@@ -148,10 +158,9 @@ async def two_held(tmp_path: Path, name: str, written: list[Batch]) -> tuple[Sto
 async def test_a_window_writes_exactly_what_its_batches_would_have(tmp_path: Path) -> None:
     n = 8  # batches a window sums
     written = batches(now_ms(), count=n + 2)
-    settings = settings_for(tmp_path, "window", aggregate_batches=n, aggregate_max_age_ms=60_000)
-    storage = await opened(settings, sole_writer=True)
-    await storage.write_batch(written[0])
-    await storage.write_batch(written[1])
+    storage, settings = await two_held(
+        tmp_path, "window", written, aggregate_batches=n, aggregate_max_age_ms=60_000
+    )
     db = Path(settings.storage.path)
     try:
         # Held: the hits are stored, their aggregates wait, their ranges are on record.
@@ -184,17 +193,14 @@ async def test_a_window_ends_at_its_maximum_age_whether_or_not_batches_follow(
     try:
         # Batches every 0.1 s: a window holds ~3 of them, not the 8 it may by count.
         held = []
-        for batch in batches(now_ms(), count=12)[:10]:
+        for batch in batches(now_ms(), count=11)[:10]:  # all ten held
             await storage.write_batch(batch)
             held.append(pending(db))
             await asyncio.sleep(0.1)
         assert max(held) <= 5, held
         assert rolled_up(db) >= 300 * 5
         # Nothing follows the last two: they are written once their window is 0.3 s old.
-        started = time.monotonic()
-        while rolled_up(db) != 3000:
-            assert time.monotonic() - started < 5, "a window outlived its maximum age"
-            await asyncio.sleep(0.02)
+        await wait_rolled_up(db, 3000, "a window outlived its maximum age")
         assert pending(db) == 0
     finally:
         await storage.close()
@@ -209,10 +215,7 @@ async def test_held_aggregates_appear_within_a_second(tmp_path: Path) -> None:
         batch.hold = True
         await storage.write_batch(batch)
         assert rolled_up(db) == 0 and pending(db) == 1
-        started = time.monotonic()
-        while rolled_up(db) != 300:
-            assert time.monotonic() - started < 5, "a window nothing followed never ended"
-            await asyncio.sleep(0.05)
+        await wait_rolled_up(db, 300, "a window nothing followed never ended")
         assert pending(db) == 0
     finally:
         await storage.close()

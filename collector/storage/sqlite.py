@@ -183,7 +183,7 @@ class SQLiteStorage:
         # writer process): see ``write_batch``.
         self._sole = sole_writer
         self.window_batches = settings.storage.aggregate_batches if sole_writer else 1
-        # A window that began this long ago ends with the next batch.
+        # A window that began this long ago ends, with the next batch or on a timer.
         self.window_age_s = settings.storage.aggregate_max_age_ms / 1000
         self.path = Path(settings.storage.path)
         self._write: aiosqlite.Connection | None = None
@@ -282,9 +282,6 @@ class SQLiteStorage:
                 raise
 
     async def close(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
         # Under the batch lock: a window end the idle timer started may be waiting for it,
         # and finds the storage closed (``_end_window``) instead of closed connections.
         async with self._batch_lock:
@@ -301,7 +298,7 @@ class SQLiteStorage:
                         await conn.close()
                     except sqlite3.Error:  # pragma: no cover - closing a broken file
                         logger.exception("closing %s connection failed", attr)
-            if self._idle is not None:  # set by a batch that held the lock before us
+            if self._idle is not None:  # the idle end, maybe set by a batch before us
                 self._idle.cancel()
                 self._idle = None
 
