@@ -8,19 +8,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from collector.aggregates import aggregators
+from collector.storage import open_storage
 from collector.storage.base import Batch, HitRow
-from collector.writer_process import _ENCODE_SLICE, decode_batch, encode_batch
-from tests.conftest import Server, rows
+from collector.writer_process import (
+    _ENCODE_SLICE,
+    BatchCollection,
+    _Server,
+    decode_batch,
+    encode_batch,
+)
+from tests.conftest import Server, make_settings, rows
+from tests.test_aggregate_window import make_hits, now_ms
 from tests.test_server import _load, cookie_for
 
 pytestmark = pytest.mark.slow
@@ -208,3 +220,74 @@ async def test_a_big_batch_is_marshalled_in_slices_whole_and_in_order_between_pi
     assert decoded.pixel_counts == batch.pixel_counts and decoded.hold
     assert list(decoded.unconsented_ips) == [(1, "10.9.9.9", "")]
     assert dropped == Counter(blocked=2)
+
+
+async def test_a_batch_is_stored_without_collector_passes_and_one_pass_follows(
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(tmp_path)
+    storage = open_storage(settings, aggregators(settings), sole_writer=True)
+    await storage.open()
+    server = _Server(storage, keep=lambda hits: hits)
+    hits = make_hits(3000, seed=1, start_ms=now_ms())
+    batch = Batch(hits=hits, pixel_counts={("2026-12-06", "/", "granted"): len(hits)})
+    payload = await encode_batch(batch, Counter())
+    passes: list[int] = []
+
+    def seen(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            passes.append(info["generation"])
+
+    gc.callbacks.append(seen)
+    try:
+        reply = await server.store(payload)
+    finally:
+        gc.callbacks.remove(seen)
+        await storage.close()
+    assert reply == ("ok", ({"web": 3000}, {}, {}))
+    assert stored(tmp_path) == 3000
+    # Thousands of objects a batch made no automatic pass; one walked what was left.
+    assert passes == [1]
+    assert gc.isenabled()
+
+
+class _Node:
+    """A container that can be part of a reference cycle and be watched."""
+
+    me: _Node | None = None
+
+
+def _cycle() -> weakref.ref[_Node]:
+    node = _Node()
+    node.me = node
+    return weakref.ref(node)
+
+
+def test_a_cycle_made_during_a_batch_is_collected_after_it_even_when_the_batch_fails() -> None:
+    collection = BatchCollection()
+    with collection.after():
+        assert not gc.isenabled()
+        during = _cycle()
+    assert during() is None and gc.isenabled()
+    with pytest.raises(RuntimeError), collection.after():
+        failed = _cycle()
+        raise RuntimeError("the batch failed")
+    assert failed() is None and gc.isenabled()
+
+
+def test_the_old_generation_is_collected_every_nth_batch() -> None:
+    collection = BatchCollection(full_every=3)
+    kept: list[_Node | None] = []
+    with collection.after():  # batch 1: the cycle is alive, so the pass moves it on
+        node = _Node()
+        node.me = node
+        old = weakref.ref(node)
+        kept.append(node)
+        del node
+    kept.clear()  # garbage now, in the generation young passes leave alone
+    with collection.after():  # batch 2: a young pass
+        pass
+    assert old() is not None
+    with collection.after():  # batch 3: the full pass
+        pass
+    assert old() is None
