@@ -7,13 +7,17 @@ as it drains, and ``write_batch`` with the aggregators (rollups and IP statistic
 the realistic mix of ``bench/mix.py``: 2,000 consented visitors who keep one user agent
 and address, 9 in 10 returning with their visitor id (target 30,000 hits/s on one core).
 
-    python -m bench.micro_writer [--hits 200000]
+    python -m bench.micro_writer [--hits 200000] [--automatic-gc]
+
+Each batch is written as the writer process writes it: with the cyclic collector paused,
+and one collection pass after it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import random
 import tempfile
@@ -24,7 +28,9 @@ from bench.mix import GEOIP, Mix, build_mix
 from collector.storage.base import RawHit
 
 
-async def _run(hits: int, work: Path, batch_sizes: tuple[int, ...]) -> dict[str, float]:
+async def _run(
+    hits: int, work: Path, batch_sizes: tuple[int, ...], automatic_gc: bool = False
+) -> dict[str, float]:
     from collector.config import load_settings
     from collector.enrich import Enricher
     from collector.geo import GeoIP
@@ -32,6 +38,14 @@ async def _run(hits: int, work: Path, batch_sizes: tuple[int, ...]) -> dict[str,
     from collector.storage.base import AnonHit, Batch
     from collector.storage.sqlite import SQLiteStorage
     from collector.writer import BatchWriter
+    from collector.writer_process import BatchCollection
+
+    # The writer process stores each batch with the cyclic collector paused and runs one
+    # pass after it (``BatchCollection``); ``--automatic-gc`` measures without that.
+    collection = BatchCollection()
+
+    def per_batch() -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext() if automatic_gc else collection.after()
 
     mix = build_mix()
     rnd = random.Random(7)
@@ -80,7 +94,8 @@ async def _run(hits: int, work: Path, batch_sizes: tuple[int, ...]) -> dict[str,
         rows = [enricher.row(x) for x in items if isinstance(x, RawHit)]
         started, cpu = time.perf_counter(), time.process_time()
         for i in range(0, len(rows), 2000):
-            await storage.write_batch(Batch(hits=rows[i : i + 2000]))
+            with per_batch():
+                await storage.write_batch(Batch(hits=rows[i : i + 2000]))
         results["write_batch rows/s"] = len(rows) / (time.perf_counter() - started)
         # Rows per CPU second of the whole process (event loop and SQLite thread): the
         # figure to trust when other processes share the machine.
@@ -120,7 +135,8 @@ async def _run(hits: int, work: Path, batch_sizes: tuple[int, ...]) -> dict[str,
             try:
                 started, cpu = time.perf_counter(), time.process_time()
                 for i in range(0, len(rows), size):
-                    await agg.write_batch(Batch(hits=rows[i : i + size]))
+                    with per_batch():
+                        await agg.write_batch(Batch(hits=rows[i : i + size]))
                 elapsed = time.perf_counter() - started
                 cpu = time.process_time() - cpu
             finally:
@@ -180,10 +196,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument(
         "--batch-sizes", default="2000,8000", help="write-path batch sizes, comma-separated"
     )
+    ap.add_argument(
+        "--automatic-gc",
+        action="store_true",
+        help="leave the cyclic GC automatic during each batch (the writer process pauses it)",
+    )
     args = ap.parse_args(argv)
     sizes = tuple(int(x) for x in args.batch_sizes.split(","))
     with tempfile.TemporaryDirectory(prefix="collector-micro-") as tmp:
-        results = asyncio.run(_run(args.hits, Path(tmp), sizes))
+        results = asyncio.run(_run(args.hits, Path(tmp), sizes, args.automatic_gc))
     width = max(map(len, results))
     print(f"\n{'writer, ' + str(args.hits) + ' hits':{width}}  per second")
     for name, value in results.items():
