@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import fcntl
 import os
-import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from collector.errors import InputError, StorageError
+from collector.storage.driver import sqlite3
 from collector.storage.migrations import migrations
 from collector.storage.sqlite import create_private_file
 

@@ -14,7 +14,6 @@ import dataclasses
 import os
 import secrets
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import pytest
 
 from collector.app import CollectorApp, create_app
 from collector.config import Settings, load_settings
+from collector.storage.driver import sqlite3
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sqlite3
 import stat
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from collector.cli import main
+from collector.storage.driver import sqlite3
 from tests.conftest import SECRET, Server, rows
 from tests.test_server import cookie_for
 

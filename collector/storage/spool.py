@@ -28,13 +28,13 @@ import json
 import logging
 import os
 import secrets
-import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from collector.errors import DatabaseUnreachable, StorageError
 from collector.storage.base import Batch, HitRow, Transaction
+from collector.storage.driver import sqlite3
 from collector.storage.postgres import PostgresStorage
 
 logger = logging.getLogger(__name__)

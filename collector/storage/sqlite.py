@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from operator import itemgetter
@@ -32,23 +31,12 @@ from collector.storage.base import (
     Statement,
     WindowedAggregator,
 )
+from collector.storage.driver import sqlite3
 from collector.storage.migrations import migrations
 from collector.visibility import VISIBLE
 
 logger = logging.getLogger(__name__)
 
-
-def _null(value: None) -> None:
-    return value
-
-
-# Python 3.11's sqlite3 binds None through its adapter protocol: a registry miss, a
-# failed ``__adapt__`` lookup whose AttributeError message is formatted and dropped, and
-# a ``__conform__`` lookup, ~0.23 µs per NULL. A pixel hit binds 5-6 NULLs (cookies,
-# placement, referrer, geo), ~1.2 µs of the writer's CPU per hit. An adapter found in the
-# registry skips the rest (~0.05 µs); it returns None, so the value is bound as NULL.
-# Process-wide, as every ``register_adapter`` is: the same NULL for every connection.
-sqlite3.register_adapter(type(None), _null)
 
 _INSERT_HIT = (
     f"INSERT INTO hits ({', '.join(HIT_COLUMNS)}) VALUES ({', '.join('?' * len(HIT_COLUMNS))})"
@@ -205,7 +193,13 @@ class SQLiteStorage:
         self._idle_tasks: set[asyncio.Task[None]] = set()
 
     async def _connect(self, *, readonly: bool) -> aiosqlite.Connection:
-        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        path = self.path
+        # aiosqlite's own ``connect`` would open the file with the standard library's
+        # module; the driver's library must be the process's only one (driver.py).
+        conn = aiosqlite.Connection(
+            lambda: sqlite3.connect(path, isolation_level=None), iter_chunk_size=64
+        )
+        await conn
         await conn.execute("PRAGMA busy_timeout = 5000")
         await conn.execute("PRAGMA foreign_keys = ON")
         if readonly:
