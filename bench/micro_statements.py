@@ -52,7 +52,12 @@ def _measure(
     storage = SQLiteStorage(settings, aggregators(settings))
     asyncio.run(_migrate(storage))  # the schema; the timed writes use their own connection
     conn = sqlite3.connect(path, isolation_level=None)
-    for pragma in ("journal_mode = WAL", "synchronous = NORMAL", "cache_size = -8192"):
+    for pragma in (
+        "journal_mode = WAL",
+        "synchronous = NORMAL",
+        "cache_size = -8192",
+        "secure_delete = ON",  # as storage/sqlite.py sets it
+    ):
         conn.execute(f"PRAGMA {pragma}")
     conn.execute("PRAGMA wal_autocheckpoint = 10000")
     generations: dict[str, int] = {}

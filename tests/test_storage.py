@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from collector.aggregates import aggregators
 from collector.config import Settings
 from collector.errors import StorageError
 from collector.storage import open_storage
 from collector.storage.base import Batch, HitRow
 from collector.storage.driver import sqlite3
-from tests.conftest import make_settings, rows
+from collector.subjects import Subject, erase
+from tests.conftest import SECRET, make_settings, rows
 
 
 def sample_row(**kw: object) -> HitRow:
@@ -237,3 +239,29 @@ def test_nothing_imports_sqlite3_but_the_driver() -> None:
                 if connects or any(n == "sqlite3" or n.startswith("sqlite3.") for n in names):
                     offenders.append(f"{path.relative_to(root)}:{node.lineno}")
     assert offenders == []
+
+
+async def test_an_erased_hit_leaves_no_copy_in_the_file(sqlite_settings: Settings) -> None:
+    # Deleted rows are overwritten with zeros (secure_delete), not left in free space
+    # where a copy of the file, a backup, would still hold them.
+    marker = "erase-me-4b1d3f"
+    subject = "e" * 32
+    hits = [sample_row(ts_ms=1_000 + i, visitor_id=f"{i:032x}") for i in range(200)]
+    hits[77] = sample_row(ts_ms=1_077, visitor_id=subject, cookies=f'{{"c":"{marker}"}}')
+    storage = open_storage(sqlite_settings, aggregators(sqlite_settings))
+    await storage.open()
+    try:
+        await storage.write_batch(Batch(hits=hits))
+        erased = await erase(storage, Subject("visitor", subject), SECRET, [])
+    finally:
+        await storage.close()
+    assert erased.hits == 1
+    db = Path(sqlite_settings.storage.path)
+    conn = sqlite3.connect(db)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+    assert len(rows(db, "SELECT 1 FROM hits")) == 199
+    for path in db.parent.glob(db.name + "*"):
+        assert marker.encode() not in path.read_bytes(), path.name

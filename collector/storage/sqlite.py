@@ -202,6 +202,10 @@ class SQLiteStorage:
         await conn
         await conn.execute("PRAGMA busy_timeout = 5000")
         await conn.execute("PRAGMA foreign_keys = ON")
+        # Erased and expired rows are overwritten with zeros, not left in free space
+        # where a copy of the file would still hold them (policy 1.1, 5.1). Debian's
+        # libsqlite3 is built that way; pysqlite3's bundled SQLite is not (driver.py).
+        await conn.execute("PRAGMA secure_delete = ON")
         if readonly:
             await conn.execute("PRAGMA query_only = ON")
         else:
