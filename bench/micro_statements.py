@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import sqlite3
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -27,7 +28,6 @@ from pathlib import Path
 from bench.micro_writer import _visits
 from bench.mix import GEOIP, build_mix
 from collector.storage.base import HitRow
-from collector.storage.driver import sqlite3
 from collector.storage.sqlite import SQLiteStorage
 
 

@@ -17,6 +17,7 @@ import json
 import os
 import resource
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -30,7 +31,6 @@ from typing import Any
 
 from bench.client import drive
 from bench.mix import ROOT, build_mix, collector_env
-from collector.storage.driver import sqlite3
 
 SERVER_CPU = "1"
 LOAD_CPU = "0"

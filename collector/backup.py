@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from collector.errors import InputError, StorageError
-from collector.storage.driver import sqlite3
+from collector.storage.driver import connect, sqlite3
 from collector.storage.migrations import migrations
 from collector.storage.sqlite import create_private_file
 
@@ -118,10 +118,10 @@ def _copy(src: Path, dest: Path) -> None:
 def _copy_unchecked(src: Path, dest: Path) -> None:
     dest.unlink(missing_ok=True)
     create_private_file(dest)
-    source = sqlite3.connect(src)
+    source = connect(src)
     try:
         source.execute("PRAGMA busy_timeout = 5000")
-        target = sqlite3.connect(dest)
+        target = connect(dest)
         try:
             source.backup(target)  # pages=-1: the whole file in one step, one snapshot
             target.execute("PRAGMA journal_mode = DELETE")  # a single self-contained file
@@ -138,7 +138,7 @@ def inspect(path: Path) -> tuple[int, int]:
     if not path.is_file():
         raise InputError(f"{path} does not exist")
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        conn = connect(f"file:{path}?mode=ro", uri=True)
     except sqlite3.Error as exc:
         raise InputError(f"{path} cannot be opened: {exc}") from None
     try:
@@ -185,7 +185,7 @@ def restore(db: Path, src: Path) -> Copied:
     with exclusive(db):
         replaced = None
         if db.exists():
-            conn = sqlite3.connect(db)
+            conn = connect(db)
             try:
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # fold the WAL into the file
             finally:

@@ -179,8 +179,12 @@ class BatchCollection:
     pass ever found a cycle (docs/PERFORMANCE.md, session 10). Paused while a batch is
     stored and run once after it, when the batch's objects are gone, a pass walks only
     what the aggregation window keeps. Cycles still go within one batch; the old
-    generation is collected every ``full_every`` batches, and outside batches (idle
-    timers, block list refreshes) the automatic collector runs as usual.
+    generation is collected every ``full_every`` batches. The pause is process-wide:
+    whatever runs beside a batch (an idle window end, a block list refresh, the SQLite
+    thread) runs without automatic passes too, and the pass after the batch collects
+    its young cycles; between batches the automatic collector runs as usual. A caller
+    that had switched the collector off keeps it off. (Python 3.14's incremental
+    collector gives ``gc.collect(1)`` another meaning; we run on 3.11-3.13.)
     """
 
     def __init__(self, full_every: int = 64) -> None:
@@ -189,6 +193,9 @@ class BatchCollection:
 
     @contextlib.contextmanager
     def after(self) -> Iterator[None]:
+        if not gc.isenabled():
+            yield
+            return
         gc.disable()
         try:
             yield

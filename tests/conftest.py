@@ -14,6 +14,7 @@ import dataclasses
 import os
 import secrets
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -27,7 +28,6 @@ import pytest
 
 from collector.app import CollectorApp, create_app
 from collector.config import Settings, load_settings
-from collector.storage.driver import sqlite3
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"

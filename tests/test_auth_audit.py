@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,6 @@ import httpx
 import pytest
 
 from collector.app import CollectorApp
-from collector.storage.driver import sqlite3
 from tests.conftest import SECRET
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -22,7 +23,6 @@ from collector.app import CollectorApp, create_app
 from collector.config import Settings, load_settings
 from collector.consent import ConsentCodec
 from collector.errors import ConfigError, StorageError
-from collector.storage.driver import sqlite3
 from tests.conftest import IPHONE_UA, SECRET, client_for, make_settings, rows
 from tests.test_consent_sources import cc_cookie, tc_core
 

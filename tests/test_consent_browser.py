@@ -9,6 +9,7 @@ screenshot of the banner is left in ``artifacts/`` (not committed).
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from collector.storage.driver import sqlite3
 from tests.conftest import GEOIP, ROOT, Server, rows
 
 if TYPE_CHECKING:

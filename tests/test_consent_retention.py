@@ -7,6 +7,7 @@ On SQLite and PostgreSQL (the triggers are per backend).
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import httpx
@@ -19,7 +20,6 @@ from collector.cli import main
 from collector.config import ConfigError, load_settings
 from collector.consent_records import ConsentRecord
 from collector.errors import StorageError
-from collector.storage.driver import sqlite3
 from tests.conftest import SECRET
 from tests.test_governance import DAY, NOW, bearer, count
 

@@ -13,6 +13,7 @@ import errno
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -22,7 +23,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from collector.storage.driver import sqlite3
 from tests.conftest import Server, rows
 from tests.test_server import cookie_for
 

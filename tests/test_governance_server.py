@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -20,7 +21,6 @@ import pytest
 from click.testing import CliRunner
 
 from collector.cli import main
-from collector.storage.driver import sqlite3
 from tests.conftest import SECRET, Server, rows
 from tests.test_server import cookie_for
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,6 @@ from hypothesis import strategies as st
 
 from collector.app import CollectorApp, create_app
 from collector.pixel import GIF
-from collector.storage.driver import sqlite3
 from tests.conftest import GEOIP, IPHONE_UA, Server, make_settings, rows
 
 SQL = "'; DROP TABLE hits; --"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,6 @@ import pytest
 
 from collector.app import CollectorApp, create_app
 from collector.pixel import GIF
-from collector.storage.driver import sqlite3
 from tests.conftest import (
     IPHONE_UA,
     backend_overrides,

@@ -6,9 +6,8 @@ Each test taking ``backend_settings`` runs on SQLite and on PostgreSQL.
 from __future__ import annotations
 
 import ast
-import platform
+import sqlite3
 import stat
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,6 @@ from collector.config import Settings
 from collector.errors import StorageError
 from collector.storage import open_storage
 from collector.storage.base import Batch, HitRow
-from collector.storage.driver import sqlite3
 from collector.subjects import Subject, erase
 from tests.conftest import SECRET, make_settings, rows
 
@@ -195,49 +193,27 @@ async def test_hits_keep_only_the_indexes_a_query_uses(sqlite_settings: Settings
     assert [r["name"] for r in columns] == ["ts_ms", "ip", "visitor_id"]
 
 
-async def test_the_store_runs_on_the_drivers_sqlite_library(sqlite_settings: Settings) -> None:
-    # pysqlite3-binary's bundled SQLite where its wheel exists: Debian's build has no
-    # lookaside allocator, and the writer's path cost ~14% more CPU a hit on it.
-    storage = open_storage(sqlite_settings)
-    await storage.open()
-    try:
-        found = await storage.fetch_all("SELECT sqlite_version() AS v")
-    finally:
-        await storage.close()
-    assert found[0]["v"] == sqlite3.sqlite_version
-    if sys.platform == "linux" and platform.machine() == "x86_64":
-        assert sqlite3.__name__ == "pysqlite3.dbapi2", "pysqlite3-binary is not installed"
-        assert tuple(map(int, sqlite3.sqlite_version.split("."))) >= (3, 51)
-
-
-def test_nothing_imports_sqlite3_but_the_driver() -> None:
-    # Two SQLite libraries in one process can release each other's file locks
-    # (collector/storage/driver.py): every connection goes through the driver's.
-    root = Path(__file__).resolve().parent.parent
+def test_the_package_opens_sqlite_files_only_through_the_driver() -> None:
+    # driver.connect turns secure_delete on; aiosqlite.connect and sqlite3.connect
+    # would open a file without it on builds whose default is off.
+    root = Path(__file__).resolve().parent.parent / "collector"
     offenders = []
-    for folder in ("collector", "tests", "bench"):
-        for path in sorted((root / folder).rglob("*.py")):
-            if path.name == "driver.py" and path.parent.name == "storage":
-                continue
-            for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                names = []
-                if isinstance(node, ast.Import):
-                    names = [alias.name for alias in node.names]
-                elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                    names = [node.module or ""]
-                # aiosqlite.connect opens the file with the standard library's module.
-                connects = (
-                    isinstance(node, ast.Attribute)
-                    and node.attr == "connect"
-                    and isinstance(node.value, ast.Name)
-                    and node.value.id == "aiosqlite"
-                ) or (
-                    isinstance(node, ast.ImportFrom)
-                    and node.module == "aiosqlite"
-                    and any(alias.name == "connect" for alias in node.names)
-                )
-                if connects or any(n == "sqlite3" or n.startswith("sqlite3.") for n in names):
-                    offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    for path in sorted(root.rglob("*.py")):
+        if path == root / "storage" / "driver.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            opens = (
+                isinstance(node, ast.Attribute)
+                and node.attr == "connect"
+                and isinstance(node.value, ast.Name)
+                and node.value.id in ("sqlite3", "aiosqlite")
+            ) or (
+                isinstance(node, ast.ImportFrom)
+                and node.module in ("sqlite3", "aiosqlite")
+                and any(alias.name == "connect" for alias in node.names)
+            )
+            if opens:
+                offenders.append(f"{path.relative_to(root)}:{getattr(node, 'lineno', 0)}")
     assert offenders == []
 
 

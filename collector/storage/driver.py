@@ -1,46 +1,51 @@
-"""The SQLite library behind every connection this project opens.
+"""Where every SQLite connection to a collector file is opened.
 
-``pysqlite3-binary`` where its wheel exists (Linux x86_64): the standard library's
-``sqlite3`` module built against a bundled SQLite 3.51, compiled with the lookaside
-allocator. Debian's libsqlite3 3.40, behind the standard library's module, is built
-without it (``OMIT_LOOKASIDE``), so every statement step goes to malloc for its small
-allocations. On the writer's path that is ~14% of the CPU a hit costs (``bench.micro_statements``,
-alternating) and ~10% of the writer process's CPU per request under load
-(``bench.ab``; docs/PERFORMANCE.md, session 10). Elsewhere the standard library's module
-serves, with the same API.
+Two settings hold for every connection, whichever Python build runs us:
 
-One process must use one SQLite library for a file. POSIX drops every lock a process
-holds on a file when any of its descriptors to that file closes; SQLite works around that
-only among the connections of one copy of the library, so a second copy in the same
-process can release the first one's locks and let another process write under a reader
-(https://www.sqlite.org/howtocorrupt.html, section 2.2.1). So nothing here imports
-``sqlite3`` but this module (``tests/test_storage.py`` checks).
+- ``secure_delete``: erased and expired rows (hits, spooled batches) are overwritten
+  with zeros, not left in free space where a copy of the file, a backup, would still
+  hold them (policy 1.1 "destroying", 5.1). Debian's libsqlite3 is compiled with it on;
+  builds without that compile option (pysqlite3's bundled SQLite, for one) leave it off.
+- NULL parameters bind through a registered adapter (below).
+
+So the package opens files only through ``connect`` (``tests/test_storage.py`` checks).
+
+The library is the standard library's ``sqlite3``. pysqlite3-binary (SQLite 3.51 with the
+lookaside allocator, which Debian's 3.40 build omits) measured 0-10% less CPU a hit on the
+writer's path once ``secure_delete`` was on, within this machine's noise, and its
+bundled SQLite keeps every sort and temporary table in memory (``TEMP_STORE=3``), so a
+breach report's GROUP BY over a day of hits would no longer spill to disk; it also has
+wheels for glibc x86_64 only (docs/PERFORMANCE.md, session 10). Any second SQLite
+library would have to be the process's only one for a file: POSIX drops every lock a
+process holds on a file when any of its descriptors to it closes, and SQLite works
+around that only among the connections of one copy of the library
+(https://www.sqlite.org/howtocorrupt.html, 2.2.1).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import sqlite3
+from typing import Any
 
-if TYPE_CHECKING:
-    import sqlite3
-else:
-    try:
-        from pysqlite3 import dbapi2 as sqlite3
-    except ImportError:  # no wheel for this platform
-        import sqlite3
-
-__all__ = ["sqlite3"]
+__all__ = ["connect", "sqlite3"]
 
 
 def _null(value: None) -> None:
     return value
 
 
-# The module binds None through its adapter protocol: a registry miss, a failed
-# ``__adapt__`` lookup whose AttributeError message is formatted and dropped, and a
-# ``__conform__`` lookup. On a 22-column insert with 8 NULLs that is 6.6 against 4.0 µs
-# a row with Python 3.11's module, and 13.6 against 3.0 with pysqlite3's (session 10). A
-# pixel hit binds 5-6 NULLs (cookies, placement, referrer, geo). An adapter found in the
-# registry skips the rest; it returns None, so the value is bound as NULL. Process-wide,
-# as every ``register_adapter`` is: the same NULL for every connection.
+# Python 3.11's sqlite3 binds None through its adapter protocol: a registry miss, a
+# failed ``__adapt__`` lookup whose AttributeError message is formatted and dropped, and
+# a ``__conform__`` lookup, ~0.23 µs per NULL (a 22-column insert with 8 NULLs: 6.6
+# against 4.0 µs a row). A pixel hit binds 5-6 NULLs (cookies, placement, referrer,
+# geo). An adapter found in the registry skips the rest; it returns None, so the value
+# is bound as NULL. Process-wide, as every ``register_adapter`` is: the same NULL for
+# every connection.
 sqlite3.register_adapter(type(None), _null)
+
+
+def connect(database: Any, **kwargs: Any) -> sqlite3.Connection:
+    """``sqlite3.connect`` with ``secure_delete`` on (see above)."""
+    conn: sqlite3.Connection = sqlite3.connect(database, **kwargs)
+    conn.execute("PRAGMA secure_delete = ON")
+    return conn

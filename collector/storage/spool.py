@@ -34,7 +34,7 @@ from typing import Any
 
 from collector.errors import DatabaseUnreachable, StorageError
 from collector.storage.base import Batch, HitRow, Transaction
-from collector.storage.driver import sqlite3
+from collector.storage.driver import connect, sqlite3
 from collector.storage.postgres import PostgresStorage
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class SpoolFile:
     def __init__(self, path: Path, lock_fd: int) -> None:
         self.path = path
         self._lock_fd = lock_fd
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db = connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = FULL")
         self._db.execute(

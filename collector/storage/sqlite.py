@@ -31,7 +31,7 @@ from collector.storage.base import (
     Statement,
     WindowedAggregator,
 )
-from collector.storage.driver import sqlite3
+from collector.storage.driver import connect, sqlite3
 from collector.storage.migrations import migrations
 from collector.visibility import VISIBLE
 
@@ -196,16 +196,10 @@ class SQLiteStorage:
         path = self.path
         # aiosqlite's own ``connect`` would open the file with the standard library's
         # module; the driver's library must be the process's only one (driver.py).
-        conn = aiosqlite.Connection(
-            lambda: sqlite3.connect(path, isolation_level=None), iter_chunk_size=64
-        )
+        conn = aiosqlite.Connection(lambda: connect(path, isolation_level=None), iter_chunk_size=64)
         await conn
         await conn.execute("PRAGMA busy_timeout = 5000")
         await conn.execute("PRAGMA foreign_keys = ON")
-        # Erased and expired rows are overwritten with zeros, not left in free space
-        # where a copy of the file would still hold them (policy 1.1, 5.1). Debian's
-        # libsqlite3 is built that way; pysqlite3's bundled SQLite is not (driver.py).
-        await conn.execute("PRAGMA secure_delete = ON")
         if readonly:
             await conn.execute("PRAGMA query_only = ON")
         else:
