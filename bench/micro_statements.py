@@ -56,7 +56,7 @@ def _measure(
         "journal_mode = WAL",
         "synchronous = NORMAL",
         "cache_size = -8192",
-        "secure_delete = ON",  # as storage/sqlite.py sets it
+        "secure_delete = ON",  # as collector/storage/driver.py sets it
     ):
         conn.execute(f"PRAGMA {pragma}")
     conn.execute("PRAGMA wal_autocheckpoint = 10000")

@@ -174,17 +174,18 @@ class BatchCollection:
 
     Storing a batch makes ~10 container objects a hit (decoded rows, window keys,
     statement parameters) that live until the batch is committed, and the collector's
-    automatic young-generation passes, one every 700 allocations, walk each of them
-    again and again meanwhile: 7-8% of this process's CPU at the bench's load, and no
-    pass ever found a cycle (docs/PERFORMANCE.md, session 10). Paused while a batch is
-    stored and run once after it, when the batch's objects are gone, a pass walks only
-    what the aggregation window keeps. Cycles still go within one batch; the old
-    generation is collected every ``full_every`` batches. The pause is process-wide:
-    whatever runs beside a batch (an idle window end, a block list refresh, the SQLite
-    thread) runs without automatic passes too, and the pass after the batch collects
-    its young cycles; between batches the automatic collector runs as usual. A caller
-    that had switched the collector off keeps it off. (Python 3.14's incremental
-    collector gives ``gc.collect(1)`` another meaning; we run on 3.11-3.13.)
+    automatic young-generation passes, one every 700 net allocations on 3.11, walk
+    each of them again and again meanwhile: 7-8% of this process's CPU at the bench's
+    load, and no pass ever found a cycle (docs/PERFORMANCE.md, session 10). Paused
+    while a batch is stored and run once after it, when the batch's objects are gone,
+    a pass walks only what the aggregation window keeps. Cycles still go within one
+    batch; the old generation is collected every ``full_every`` batches at least. The
+    pause is process-wide: whatever runs beside a batch (an idle window end, a block
+    list refresh, the SQLite thread) runs without automatic passes too, and the pass
+    after the batch collects its young cycles; between batches the automatic collector
+    runs as usual. A caller that had switched the collector off keeps it off. (Python
+    3.14's incremental collector gives ``gc.collect(1)`` another meaning; the tests run
+    on 3.11.)
     """
 
     def __init__(self, full_every: int = 64) -> None:

@@ -201,19 +201,3 @@ async def test_a_batch_committed_before_the_connection_dropped_is_not_stored_twi
         ]
     finally:
         await storage.close()
-
-
-def test_a_delivered_batch_leaves_no_copy_in_the_spool_file(tmp_path: Path) -> None:
-    # Spooled hits are personal data; once delivered they are overwritten with zeros,
-    # not left in the file's free space (secure_delete, collector/storage/driver.py).
-    marker = "spooled-4b1d3f"
-    hit = sample_row(cookies=f'{{"c":"{marker}"}}')
-    spool = SpoolFile.create(tmp_path)
-    try:
-        row_id = spool.append(Batch(hits=[hit] * 50))
-        spool.remove(row_id, 50)
-        spool._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    finally:
-        spool.close(delete_if_empty=False)
-    files = list(tmp_path.glob("spool-*"))
-    assert files and all(marker.encode() not in p.read_bytes() for p in files)

@@ -9,6 +9,7 @@ import ast
 import sqlite3
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +18,7 @@ from collector.config import Settings
 from collector.errors import StorageError
 from collector.storage import open_storage
 from collector.storage.base import Batch, HitRow
+from collector.storage.spool import SpoolFile
 from collector.subjects import Subject, erase
 from tests.conftest import SECRET, make_settings, rows
 
@@ -241,3 +243,48 @@ async def test_an_erased_hit_leaves_no_copy_in_the_file(sqlite_settings: Setting
     assert len(rows(db, "SELECT 1 FROM hits")) == 199
     for path in db.parent.glob(db.name + "*"):
         assert marker.encode() not in path.read_bytes(), path.name
+
+
+def test_a_delivered_batch_leaves_no_copy_in_the_spool_file(tmp_path: Path) -> None:
+    # Spooled hits are personal data; once delivered they are overwritten with zeros,
+    # not left in the file's free space (secure_delete, collector/storage/driver.py).
+    marker = "spooled-4b1d3f"
+    hit = sample_row(cookies=f'{{"c":"{marker}"}}')
+    spool = SpoolFile.create(tmp_path)
+    try:
+        row_id = spool.append(Batch(hits=[hit] * 50))
+        spool.remove(row_id, 50)
+        spool._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        spool.close(delete_if_empty=False)
+    files = list(tmp_path.glob("spool-*"))
+    assert files and all(marker.encode() not in p.read_bytes() for p in files)
+
+
+async def test_every_connection_turns_secure_delete_on_where_the_default_is_off(
+    sqlite_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Debian's libsqlite3 has it on by default, so the two tests above would pass here
+    # without the driver's pragma; a library whose default is off is what it is for.
+    real = sqlite3.connect
+
+    def off_by_default(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn: sqlite3.Connection = real(*args, **kwargs)
+        conn.execute("PRAGMA secure_delete = OFF")
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", off_by_default)
+    storage = open_storage(sqlite_settings)
+    await storage.open()
+    try:
+        read = await storage.fetch_all("PRAGMA secure_delete")
+        async with storage.writer.execute("PRAGMA secure_delete") as cur:  # type: ignore[attr-defined]
+            write = await cur.fetchone()
+    finally:
+        await storage.close()
+    spool = SpoolFile.create(tmp_path)
+    try:
+        spooled = spool._db.execute("PRAGMA secure_delete").fetchone()
+    finally:
+        spool.close(delete_if_empty=True)
+    assert [read[0]["secure_delete"], write[0], spooled[0]] == [1, 1, 1]

@@ -3,12 +3,17 @@
 Two settings hold for every connection, whichever Python build runs us:
 
 - ``secure_delete``: erased and expired rows (hits, spooled batches) are overwritten
-  with zeros, not left in free space where a copy of the file, a backup, would still
-  hold them (policy 1.1 "destroying", 5.1). Debian's libsqlite3 is compiled with it on;
-  builds without that compile option (pysqlite3's bundled SQLite, for one) leave it off.
+  with zeros in the pages SQLite writes, not left in free space where a copy of the
+  file would still hold them (policy 1.1 "destroying", 5.1). In WAL mode the zeroed
+  pages reach the main file at the next checkpoint (every ~40 MB of writes, or a
+  backup); until then the old page images remain in it and in older WAL frames.
+  Debian's libsqlite3 is compiled with it on; builds without that compile option
+  (pysqlite3's bundled SQLite, for one) leave it off.
 - NULL parameters bind through a registered adapter (below).
 
-So the package opens files only through ``connect`` (``tests/test_storage.py`` checks).
+So the package opens files only through ``connect``: ``tests/test_storage.py`` forbids
+``sqlite3.connect`` and ``aiosqlite.connect`` elsewhere, and checks that every connection
+of the store and the spool has it on even where the library's default is off.
 
 The library is the standard library's ``sqlite3``. pysqlite3-binary (SQLite 3.51 with the
 lookaside allocator, which Debian's 3.40 build omits) measured 0-10% less CPU a hit on the
@@ -36,8 +41,9 @@ def _null(value: None) -> None:
 
 # Python 3.11's sqlite3 binds None through its adapter protocol: a registry miss, a
 # failed ``__adapt__`` lookup whose AttributeError message is formatted and dropped, and
-# a ``__conform__`` lookup, ~0.23 µs per NULL (a 22-column insert with 8 NULLs: 6.6
-# against 4.0 µs a row). A pixel hit binds 5-6 NULLs (cookies, placement, referrer,
+# a ``__conform__`` lookup, ~0.23 µs per NULL (a 22-column insert with 8 NULLs: 5.1
+# against 3.7 µs a row; docs/PERFORMANCE.md, session 9). A pixel hit binds 5-6 NULLs
+# (cookies, placement, referrer,
 # geo). An adapter found in the registry skips the rest; it returns None, so the value
 # is bound as NULL. Process-wide, as every ``register_adapter`` is: the same NULL for
 # every connection.

@@ -194,8 +194,8 @@ class SQLiteStorage:
 
     async def _connect(self, *, readonly: bool) -> aiosqlite.Connection:
         path = self.path
-        # aiosqlite's own ``connect`` would open the file with the standard library's
-        # module; the driver's library must be the process's only one (driver.py).
+        # aiosqlite's own ``connect`` calls ``sqlite3.connect`` without secure_delete;
+        # the driver's ``connect`` sets it (driver.py).
         conn = aiosqlite.Connection(lambda: connect(path, isolation_level=None), iter_chunk_size=64)
         await conn
         await conn.execute("PRAGMA busy_timeout = 5000")
