@@ -68,6 +68,9 @@ async def test_two_nodes_one_database_exact_counts(
         "COLLECTOR_STORAGE_FLUSH_INTERVAL_MS": "20",
         "COLLECTOR_STORAGE_BATCH_SIZE": "50",  # many small batches: many concurrent upserts
         "COLLECTOR_SERVER_TRUSTED_PROXIES": "127.0.0.1/32",
+        # Two nodes start at once on a 2-core machine that also runs the suite: a first
+        # connection may take longer than the default 5 s (seen once in CI).
+        "COLLECTOR_STORAGE_CONNECT_TIMEOUT_MS": "30000",
     }
     nodes = [
         serve(env={**env, "COLLECTOR_STORAGE_SPOOL_DIR": str(tmp_path / f"spool{n}")})
