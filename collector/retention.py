@@ -124,6 +124,7 @@ async def purge(
         if n < chunk_size:
             # Only now: until its hits are gone, an hour must still lead erasure to them.
             await subject_hours.purge(storage, p.cutoff_ms)
+            await storage.settle_deletes()  # no copy of the expired rows left in the files
             return done
         await asyncio.sleep(pause_s)  # let the batch writer in between chunks
 

@@ -193,6 +193,11 @@ class Storage(Protocol):
     def transaction(self) -> contextlib.AbstractAsyncContextManager[Transaction]:
         """A write transaction for several statements (governance, audit chain)."""
 
+    async def settle_deletes(self) -> None:
+        """After an erasure or a retention run: leave no copy of the deleted rows in the
+        database's files where the backend can (SQLite: fold the WAL into the file and
+        truncate it). Never raises; what it could not do is logged."""
+
 
 class Transaction(Protocol):
     async def fetch_all(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]: ...

@@ -290,6 +290,10 @@ class PostgresStorage:
 
     # --- generic access -------------------------------------------------------------
 
+    async def settle_deletes(self) -> None:
+        """Nothing to do from here: PostgreSQL's deleted tuples stay in their pages until
+        VACUUM frees the space and new rows overwrite it (docs/PRIVACY.md)."""
+
     async def ping(self) -> bool:
         if self._pool is None:
             return False

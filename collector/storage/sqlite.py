@@ -507,6 +507,28 @@ class SQLiteStorage:
         async with self.transaction() as tx:
             return await tx.execute(sql, params)
 
+    async def settle_deletes(self) -> None:
+        """Checkpoint the WAL into the file and truncate it. ``secure_delete`` zeroes a
+        deleted row in the page SQLite writes, but in WAL mode that page reaches the main
+        file only at a checkpoint (every ~40 MB of writes), and until then the old page
+        image stays in the file and in older WAL frames (driver.py). A reader or the
+        writer process may hold the checkpoint back for ``busy_timeout``; if it still
+        cannot finish, the next automatic checkpoint does, and we say so."""
+        if self._admin is None:
+            return
+        try:
+            async with self._admin_lock:
+                async with self._admin.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
+                    row = await cur.fetchone()
+        except (sqlite3.Error, ValueError) as exc:
+            logger.warning("checkpoint after deleting rows failed: %s", exc)
+            return
+        if row is None or row[0]:
+            logger.warning(
+                "checkpoint after deleting rows was held back by a reader: deleted rows "
+                "leave the WAL at the next automatic checkpoint"
+            )
+
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[SQLiteTx]:
         """A write transaction on the admin connection (BEGIN IMMEDIATE ... COMMIT)."""
