@@ -6,8 +6,10 @@ Each test taking ``backend_settings`` runs on SQLite and on PostgreSQL.
 from __future__ import annotations
 
 import ast
+import logging
 import sqlite3
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -285,3 +287,29 @@ async def test_every_connection_turns_secure_delete_on_where_the_default_is_off(
     finally:
         spool.close(delete_if_empty=True)
     assert [read[0]["secure_delete"], write[0], spooled[0]] == [1, 1, 1]
+
+
+async def test_a_reader_holding_the_checkpoint_back_costs_a_short_wait_and_a_warning(
+    sqlite_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The TRUNCATE checkpoint holds the write lock while it waits for readers, so it
+    # waits in short attempts (writers get in between), never the 5-s busy timeout.
+    storage = open_storage(sqlite_settings)
+    await storage.open()
+    reader = sqlite3.connect(sqlite_settings.storage.path, isolation_level=None)
+    try:
+        await storage.write_batch(Batch(hits=[sample_row(ts_ms=1_000 + i) for i in range(50)]))
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM hits").fetchone()  # a snapshot held open
+        await storage.execute("DELETE FROM hits WHERE ts_ms < ?", [1_010])
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING):
+            settled = await storage.settle_deletes()
+        waited = time.monotonic() - started
+        assert not settled and waited < 4
+        assert "could not complete" in caplog.text
+        reader.execute("COMMIT")
+        assert await storage.settle_deletes()
+    finally:
+        reader.close()
+        await storage.close()

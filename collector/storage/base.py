@@ -193,10 +193,10 @@ class Storage(Protocol):
     def transaction(self) -> contextlib.AbstractAsyncContextManager[Transaction]:
         """A write transaction for several statements (governance, audit chain)."""
 
-    async def settle_deletes(self) -> None:
+    async def settle_deletes(self) -> bool:
         """After an erasure or a retention run: leave no copy of the deleted rows in the
         database's files where the backend can (SQLite: fold the WAL into the file and
-        truncate it). Never raises; what it could not do is logged."""
+        truncate it). True when it did; never raises; what it could not do is logged."""
 
 
 class Transaction(Protocol):

@@ -5,9 +5,9 @@ Two settings hold for every connection, whichever Python build runs us:
 - ``secure_delete``: erased and expired rows (hits, spooled batches) are overwritten
   with zeros in the pages SQLite writes, not left in free space where a copy of the
   file would still hold them (policy 1.1 "destroying", 5.1). In WAL mode the zeroed
-  pages reach the main file at the next checkpoint (every ~40 MB of writes, or a
-  backup); until then the old page images remain in it and in older WAL frames, so
-  erasure and retention end with one (``SQLiteStorage.settle_deletes``).
+  pages reach the main file at the next checkpoint (every ~40 MB of writes); until
+  then the old page images remain in it and in older WAL frames, so erasure and
+  retention end with one (``SQLiteStorage.settle_deletes``).
   Debian's libsqlite3 is compiled with it on; builds without that compile option
   (pysqlite3's bundled SQLite, for one) leave it off.
 - NULL parameters bind through a registered adapter (below).

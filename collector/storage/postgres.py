@@ -290,9 +290,10 @@ class PostgresStorage:
 
     # --- generic access -------------------------------------------------------------
 
-    async def settle_deletes(self) -> None:
+    async def settle_deletes(self) -> bool:
         """Nothing to do from here: PostgreSQL's deleted tuples stay in their pages until
         VACUUM frees the space and new rows overwrite it (docs/PRIVACY.md)."""
+        return False
 
     async def ping(self) -> bool:
         if self._pool is None:

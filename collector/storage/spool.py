@@ -259,8 +259,8 @@ class SpoolingStorage:
     async def ping(self) -> bool:
         return await self.inner.ping()
 
-    async def settle_deletes(self) -> None:
-        await self.inner.settle_deletes()
+    async def settle_deletes(self) -> bool:
+        return await self.inner.settle_deletes()
 
     async def schema_version(self) -> int:
         return await self.inner.schema_version()

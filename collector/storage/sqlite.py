@@ -38,6 +38,11 @@ from collector.visibility import VISIBLE
 logger = logging.getLogger(__name__)
 
 
+# settle_deletes: how long one TRUNCATE checkpoint may hold the write lock waiting for
+# readers, and how many it tries (writers get in between).
+_SETTLE_WAIT_MS = 250
+_SETTLE_ATTEMPTS = 4
+
 _INSERT_HIT = (
     f"INSERT INTO hits ({', '.join(HIT_COLUMNS)}) VALUES ({', '.join('?' * len(HIT_COLUMNS))})"
 )
@@ -507,27 +512,46 @@ class SQLiteStorage:
         async with self.transaction() as tx:
             return await tx.execute(sql, params)
 
-    async def settle_deletes(self) -> None:
-        """Checkpoint the WAL into the file and truncate it. ``secure_delete`` zeroes a
-        deleted row in the page SQLite writes, but in WAL mode that page reaches the main
-        file only at a checkpoint (every ~40 MB of writes), and until then the old page
-        image stays in the file and in older WAL frames (driver.py). A reader or the
-        writer process may hold the checkpoint back for ``busy_timeout``; if it still
-        cannot finish, the next automatic checkpoint does, and we say so."""
-        if self._admin is None:
-            return
+    async def settle_deletes(self) -> bool:
+        """Checkpoint the WAL into the file and truncate it; True when that completed.
+
+        ``secure_delete`` zeroes a deleted row in the page SQLite writes, but in WAL mode
+        that page reaches the main file only at a checkpoint (every ~40 MB of writes),
+        and until then the old page image stays in the file and in older WAL frames
+        (driver.py). A PASSIVE checkpoint first copies what it can without blocking
+        anyone. The TRUNCATE that follows holds the write lock while it waits for
+        readers, so it waits ``_SETTLE_WAIT_MS`` at a time, not the 5-s busy timeout,
+        and lets writers (the writer process's batches) in between its attempts. If a
+        long reader (a backup, a large report) outlasts them, we log it: the next
+        automatic checkpoint copies the zeroed pages into the file, and the WAL's old
+        frames go as it is reused."""
+        conn = self._admin
+        if conn is None:
+            return False
+        done = False
         try:
             async with self._admin_lock:
-                async with self._admin.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
-                    row = await cur.fetchone()
+                await conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                await conn.execute(f"PRAGMA busy_timeout = {_SETTLE_WAIT_MS}")
+                try:
+                    for _ in range(_SETTLE_ATTEMPTS):
+                        async with conn.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
+                            row = await cur.fetchone()
+                        if row is not None and not row[0]:
+                            done = True
+                            break
+                        await asyncio.sleep(_SETTLE_WAIT_MS / 1000)
+                finally:
+                    await conn.execute("PRAGMA busy_timeout = 5000")
         except (sqlite3.Error, ValueError) as exc:
             logger.warning("checkpoint after deleting rows failed: %s", exc)
-            return
-        if row is None or row[0]:
+            return False
+        if not done:
             logger.warning(
-                "checkpoint after deleting rows was held back by a reader: deleted rows "
-                "leave the WAL at the next automatic checkpoint"
+                "checkpoint after deleting rows could not complete (busy): the next "
+                "automatic checkpoint copies the zeroed pages into the file"
             )
+        return done
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[SQLiteTx]:
