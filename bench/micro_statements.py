@@ -28,6 +28,7 @@ from pathlib import Path
 from bench.micro_writer import _visits
 from bench.mix import GEOIP, build_mix
 from collector.storage.base import HitRow
+from collector.storage.driver import connect
 from collector.storage.sqlite import SQLiteStorage
 
 
@@ -51,13 +52,8 @@ def _measure(
             fresh.execute("PRAGMA journal_mode = WAL")
     storage = SQLiteStorage(settings, aggregators(settings))
     asyncio.run(_migrate(storage))  # the schema; the timed writes use their own connection
-    conn = sqlite3.connect(path, isolation_level=None)
-    for pragma in (
-        "journal_mode = WAL",
-        "synchronous = NORMAL",
-        "cache_size = -8192",
-        "secure_delete = ON",  # as collector/storage/driver.py sets it
-    ):
+    conn = connect(path, isolation_level=None)  # secure_delete, as the store's connections
+    for pragma in ("journal_mode = WAL", "synchronous = NORMAL", "cache_size = -8192"):
         conn.execute(f"PRAGMA {pragma}")
     conn.execute("PRAGMA wal_autocheckpoint = 10000")
     generations: dict[str, int] = {}

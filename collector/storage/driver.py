@@ -16,16 +16,11 @@ So the package opens files only through ``connect``: ``tests/test_storage.py`` f
 ``sqlite3.connect`` and ``aiosqlite.connect`` elsewhere, and checks that every connection
 of the store and the spool has it on even where the library's default is off.
 
-The library is the standard library's ``sqlite3``. pysqlite3-binary (SQLite 3.51 with the
-lookaside allocator, which Debian's 3.40 build omits) measured 0-10% less CPU a hit on the
-writer's path once ``secure_delete`` was on, within this machine's noise, and its
-bundled SQLite keeps every sort and temporary table in memory (``TEMP_STORE=3``), so a
-breach report's GROUP BY over a day of hits would no longer spill to disk; it also has
-wheels for glibc x86_64 only (docs/PERFORMANCE.md, session 10). Any second SQLite
-library would have to be the process's only one for a file: POSIX drops every lock a
-process holds on a file when any of its descriptors to it closes, and SQLite works
-around that only among the connections of one copy of the library
-(https://www.sqlite.org/howtocorrupt.html, 2.2.1).
+The library is the standard library's ``sqlite3``; why not pysqlite3's bundled SQLite is
+in docs/PERFORMANCE.md, session 10. Any second SQLite library would have to be the
+process's only one for a file: POSIX drops every lock a process holds on a file when any
+of its descriptors to it closes, and SQLite works around that only among the
+connections of one copy of the library (https://www.sqlite.org/howtocorrupt.html, 2.2.1).
 """
 
 from __future__ import annotations
@@ -44,10 +39,9 @@ def _null(value: None) -> None:
 # failed ``__adapt__`` lookup whose AttributeError message is formatted and dropped, and
 # a ``__conform__`` lookup, ~0.23 µs per NULL (a 22-column insert with 8 NULLs: 5.1
 # against 3.7 µs a row; docs/PERFORMANCE.md, session 9). A pixel hit binds 5-6 NULLs
-# (cookies, placement, referrer,
-# geo). An adapter found in the registry skips the rest; it returns None, so the value
-# is bound as NULL. Process-wide, as every ``register_adapter`` is: the same NULL for
-# every connection.
+# (cookies, placement, referrer, geo). An adapter found in the registry skips the rest;
+# it returns None, so the value is bound as NULL. Process-wide, as every
+# ``register_adapter`` is: the same NULL for every connection.
 sqlite3.register_adapter(type(None), _null)
 
 

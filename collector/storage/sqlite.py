@@ -38,6 +38,7 @@ from collector.visibility import VISIBLE
 logger = logging.getLogger(__name__)
 
 
+_BUSY_TIMEOUT_MS = 5000  # every connection waits this long for another's lock
 # settle_deletes: how long one TRUNCATE checkpoint may hold the write lock waiting for
 # readers, and how many it tries (writers get in between).
 _SETTLE_WAIT_MS = 250
@@ -203,7 +204,7 @@ class SQLiteStorage:
         # the driver's ``connect`` sets it (driver.py).
         conn = aiosqlite.Connection(lambda: connect(path, isolation_level=None), iter_chunk_size=64)
         await conn
-        await conn.execute("PRAGMA busy_timeout = 5000")
+        await conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
         await conn.execute("PRAGMA foreign_keys = ON")
         if readonly:
             await conn.execute("PRAGMA query_only = ON")
@@ -542,7 +543,7 @@ class SQLiteStorage:
                             break
                         await asyncio.sleep(_SETTLE_WAIT_MS / 1000)
                 finally:
-                    await conn.execute("PRAGMA busy_timeout = 5000")
+                    await conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
         except (sqlite3.Error, ValueError) as exc:
             logger.warning("checkpoint after deleting rows failed: %s", exc)
             return False
