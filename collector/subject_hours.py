@@ -8,13 +8,19 @@ visitor index cost the writer ~10 µs of CPU per hit (session 6) and the IP inde
 subject is looked up for subject access, erasure, blocking and an engineer's IP
 lookup, rarely and by a person; a hit is written on every page view.
 
-So ``visitor_hours`` and ``ip_hours`` keep one row per (visitor id or IP, hour) instead,
-filled by triggers on every insert into ``hits`` (migrations 0013 and 0014), whatever
-the path: the pixel's batches, app collection, a replayed spool. The triggers are what
-make erasure complete: no code path can store a hit that these tables do not point to.
-A visitor returns within the hour, and so does its address, so the triggers mostly find
-their row and write nothing. A subject's hits are then the rows of ``hits`` inside those
-hours (the ``hits_ts`` index) that carry its value.
+So ``visitor_hours`` and ``ip_hours`` keep one row per (visitor id or IP, hour) instead.
+They are what make erasure complete: a hit whose hours these tables do not point to is
+invisible to subject access, erasure and blocking. Who notes them:
+
+- **SQLite**: the batch writer, in the transaction that inserts the hits
+  (``SQLiteStorage.write_batch``, through ``HoursNotes``), the only code that inserts
+  into ``hits`` (a test forbids any other). Migrations 0013 and 0014 had triggers do it;
+  0016 dropped them. A trigger ran two B-tree probes for every hit, ~2.6-3.8 µs of the
+  ~14 µs a stored hit costs SQLite (session 11), although a visitor and its address return
+  within the hour, so they almost always found their row there. ``HoursNotes`` remembers
+  the rows this process noted, and a batch writes only the ones it has not.
+- **PostgreSQL**: triggers (migrations 0013 and 0014), on every insert whatever the path;
+  the nodes share the database and keep no such memory.
 
 The tables may point to more than is there (hours whose hits were depersonalised or
 erased): that costs a scan of an hour, never a missed hit. Retention deletes the rows
@@ -24,10 +30,11 @@ addresses that depersonalised hits keep are not looked up by anyone and are not 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from collector.storage.base import Storage, Transaction
+from collector import rewrites
+from collector.storage.base import HitRow, Statement, Storage, Transaction
 
 HOUR_MS = 3_600_000
 
@@ -78,11 +85,90 @@ async def where_in(
     ]
 
 
-async def purge(db: Storage | Transaction, cutoff_ms: int) -> int:
+async def purge(storage: Storage, cutoff_ms: int) -> int:
     """Forget the hours that lie wholly before ``cutoff_ms`` (retention, 5.1); the hits
-    in them must be deleted or depersonalised first. Returns the rows deleted."""
+    in them must be deleted or depersonalised first. Returns the rows deleted.
+
+    It bumps the rewrite generation in the same transaction: a writer's ``HoursNotes``
+    may remember rows deleted here (a late hit in an old hour) and must forget them."""
     hour = cutoff_ms // HOUR_MS
     deleted = 0
-    for table, _ in _TABLES.values():
-        deleted += await db.execute(f"DELETE FROM {table} WHERE hour < ?", [hour])
+    async with storage.transaction() as tx:
+        await rewrites.bump(tx)
+        for table, _ in _TABLES.values():
+            deleted += await tx.execute(f"DELETE FROM {table} WHERE hour < ?", [hour])
     return deleted
+
+
+_NOTE_VISITOR = "INSERT OR IGNORE INTO visitor_hours (visitor_id, hour) VALUES (?, ?)"
+_NOTE_IP = "INSERT OR IGNORE INTO ip_hours (ip, hour) VALUES (?, ?)"
+
+
+class HoursNotes:
+    """The hours rows a batch must write, leaving out those this process noted before.
+
+    A cache of what the database holds is only true while nobody deleted from it. Every
+    code path that deletes hours rows (erasure, retention) bumps the rewrite generation
+    (``collector.rewrites``) in its transaction; ``statements`` is given the generation
+    the batch's transaction read, and forgets everything when it moved. What a batch
+    noted is remembered only when the caller reports its transaction committed (the
+    callable returned with the statements), so a batch that rolled back leaves nothing
+    believed.
+    """
+
+    # Pairs remembered per table and generation of the cache: two generations of at most
+    # this many, ~250 bytes a pair (tuple, hour, value), ~4 MB at most for both tables
+    # (RSS budget). A full generation becomes the old one; pairs seen again move to the
+    # new one, so a returning visitor is not written again, a one-off is forgotten.
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        self._generation: int | None = None
+        self._known = _Known()
+
+    def statements(
+        self, hits: Sequence[HitRow], generation: int
+    ) -> tuple[list[Statement], Callable[[], None]]:
+        """Insert-or-ignore statements for the (visitor id, hour) and (IP, hour) pairs of
+        ``hits`` not known under ``generation``, and what to call once they committed."""
+        if generation != self._generation:
+            self._generation, self._known = generation, _Known()
+        known = self._known
+        visitors = {(h.visitor_id, h.ts_ms // HOUR_MS) for h in hits if h.visitor_id}
+        ips = {(h.ip, h.ts_ms // HOUR_MS) for h in hits}
+        out: list[Statement] = []
+        # Sorted: a B-tree takes its inserts in key order page by page.
+        if new := visitors - known.visitors - known.old_visitors:
+            out.append((_NOTE_VISITOR, sorted(new)))
+        if new := ips - known.ips - known.old_ips:
+            out.append((_NOTE_IP, sorted(new)))
+
+        def committed() -> None:
+            if known is self._known:  # else forgotten meanwhile: nothing to believe
+                known.add(visitors, ips, self.LIMIT)
+
+        return out, committed
+
+    def forget(self) -> None:
+        """Believe nothing (the storage opened a file it may not describe)."""
+        self._generation, self._known = None, _Known()
+
+
+class _Known:
+    """The pairs ``HoursNotes`` believes stored, in two generations per table."""
+
+    __slots__ = ("ips", "old_ips", "old_visitors", "visitors")
+
+    def __init__(self) -> None:
+        self.visitors: set[tuple[str, int]] = set()
+        self.ips: set[tuple[str, int]] = set()
+        self.old_visitors: frozenset[tuple[str, int]] | set[tuple[str, int]] = frozenset()
+        self.old_ips: frozenset[tuple[str, int]] | set[tuple[str, int]] = frozenset()
+
+    def add(self, visitors: set[tuple[str, int]], ips: set[tuple[str, int]], limit: int) -> None:
+        self.visitors |= visitors
+        self.ips |= ips
+        if len(self.visitors) > limit:
+            self.old_visitors, self.visitors = self.visitors, set()
+        if len(self.ips) > limit:
+            self.old_ips, self.ips = self.ips, set()

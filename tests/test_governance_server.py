@@ -21,6 +21,9 @@ import pytest
 from click.testing import CliRunner
 
 from collector.cli import main
+from collector.config import Settings, load_settings
+from collector.storage.base import Batch, HitRow
+from collector.storage.sqlite import SQLiteStorage
 from tests.conftest import SECRET, Server, rows
 from tests.test_server import cookie_for
 
@@ -63,6 +66,15 @@ def cli_process(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -
         env={**os.environ, **_env(tmp_path, env)},
     )
     return Ran(done.returncode, done.stdout, done.stderr)
+
+
+async def _write(settings: Settings, hits: list[HitRow]) -> None:
+    storage = SQLiteStorage(settings)
+    await storage.open()
+    try:
+        await storage.write_batch(Batch(hits=hits))
+    finally:
+        await storage.close()
 
 
 def mode(path: Path) -> int:
@@ -207,18 +219,13 @@ def test_cli_subject_requests_breach_report_and_purge_are_audited(tmp_path: Path
     db = tmp_path / "collector.db"
     assert cli(tmp_path, "audit", "verify").returncode == 0  # creates the database
     now = int(time.time() * 1000)
-    conn = sqlite3.connect(db)
-    cols = "ts_ms, ip, visitor_id, session_id, user_agent, browser_family, browser_version, " \
-        "os_family, os_version, device_family, device_brand, device_class, consent_id, " \
-        "policy_version"  # fmt: skip
-    for ts, ip, vid in [(now, "81.2.69.142", ALICE), (now - 400 * 86_400_000, "10.0.0.1", BOB)]:
-        conn.execute(
-            f"INSERT INTO hits ({cols}) VALUES (?, ?, ?, 's', 'ua', 'b', '1', 'o', '1', 'd', "
-            "'x', 'desktop', 'c-' || ?, '1')",
-            (ts, ip, vid, vid[:1]),
-        )
-    conn.commit()
-    conn.close()
+    # Through the batch writer, the only code that inserts hits (it notes their hours).
+    hits = [
+        HitRow(ts, ip, vid, "s", None, "ua", "b", "1", "o", "1", "d", "x", "desktop",
+               None, None, None, None, None, None, f"c-{vid[:1]}", "1", "web")
+        for ts, ip, vid in [(now, "81.2.69.142", ALICE), (now - 400 * 86_400_000, "10.0.0.1", BOB)]
+    ]  # fmt: skip
+    asyncio.run(_write(load_settings(None, environ=_env(tmp_path, None)), hits))
 
     out = tmp_path / "alice.json"
     exported = cli(tmp_path, "export", "--visitor", ALICE, "-o", str(out))

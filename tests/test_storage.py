@@ -180,7 +180,7 @@ async def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
 async def test_hits_keep_only_the_indexes_a_query_uses(sqlite_settings: Settings) -> None:
     # Every index on hits costs each stored row (issue 8): only time ranges have one
     # (retention, rebuilds, breach report, a subject's hours). A visitor id or an IP is
-    # found through visitor_hours or ip_hours, which triggers fill; source is a rollup
+    # found through visitor_hours or ip_hours, which the writer fills; source is a rollup
     # dimension. None of them has an index. The time index carries both ids, so that a
     # subject's hours are scanned without reading every row in them.
     storage = open_storage(sqlite_settings)

@@ -20,6 +20,7 @@ from typing import Any
 
 import aiosqlite
 
+from collector import rewrites
 from collector.config import Settings
 from collector.errors import StorageError
 from collector.storage.base import (
@@ -33,6 +34,7 @@ from collector.storage.base import (
 )
 from collector.storage.driver import connect, sqlite3
 from collector.storage.migrations import migrations
+from collector.subject_hours import HoursNotes
 from collector.visibility import VISIBLE
 
 logger = logging.getLogger(__name__)
@@ -100,6 +102,8 @@ def hit_inserts(hits: Sequence[HitRow]) -> list[Statement]:
     return [(sql, rows) for sql, rows in ((_INSERT_PIXEL_HIT, pixel), (_INSERT_HIT, full)) if rows]
 
 
+# The rewrite generation that ``HoursNotes`` checks its notes against.
+_HOURS = rewrites.GENERATION_SQL
 _IDLE_S = 0.5  # a window nothing follows for this long ends on its own
 # The most hits a window sums: what 4 batches of 8,000 held before windows could last 2 s
 # and 8 batches. Its dicts, and the rows a catch-up re-reads, grow with it (RSS budget).
@@ -188,8 +192,13 @@ class SQLiteStorage:
         self._admin_lock = asyncio.Lock()
         self._windowed = [a for a in self.aggregators if isinstance(a, WindowedAggregator)]
         self._plain = [a for a in self.aggregators if not isinstance(a, WindowedAggregator)]
-        # The rewrite generation each windowed aggregator's cache was last checked against.
+        # The rewrite generation each windowed aggregator's cache, and the hours notes
+        # (``_hours``), were last checked against.
         self._generations: dict[str, int] = {}
+        self._generation_sqls = {a.generation_sql for a in self._windowed}
+        self._generation_sqls.add(rewrites.GENERATION_SQL)
+        # This writer notes the hours of its hits itself (collector.subject_hours).
+        self._hours = HoursNotes()
         self._window: _Window | None = None
         # Ranges in ``aggregate_pending`` that no window of ours holds (left by a writer
         # that died, or by a window we had to drop): the next write aggregates them.
@@ -233,6 +242,7 @@ class SQLiteStorage:
             await self._migrate(self._write)
             for aggregate in self._windowed:
                 aggregate.forget()
+            self._hours.forget()
             self._generations = await self._read_generations(self._write)
             if self._sole:
                 async with self._write.execute("SELECT 1 FROM aggregate_pending LIMIT 1") as c:
@@ -331,7 +341,7 @@ class SQLiteStorage:
 
     async def _read_generations(self, conn: aiosqlite.Connection) -> dict[str, int]:
         found: dict[str, int] = {}
-        for sql in {a.generation_sql for a in self._windowed}:
+        for sql in self._generation_sqls:
             async with conn.execute(sql) as cur:
                 row = await cur.fetchone()
             found[sql] = int(row[0]) if row else 0
@@ -374,15 +384,17 @@ class SQLiteStorage:
         # Pre-aggregating a batch is several us of Python per hit; in a worker thread the
         # GIL switch interval lets the event loop answer pixels meanwhile (p99), where
         # running it inline stalled the loop for the whole batch.
-        statements, ended = await asyncio.to_thread(self._prepare, batch, window, keep_back)
+        statements, hours, ended = await asyncio.to_thread(self._prepare, batch, window, keep_back)
         current = self._generations
         try:
             await conn.execute("BEGIN IMMEDIATE")
             try:
-                if self._windowed:
-                    current = await self._read_generations(conn)
+                current = await self._read_generations(conn)
+                if current[_HOURS] != self._generations[_HOURS]:
+                    # Hours rows were deleted since the notes were checked: all again.
+                    hours = self._hours.statements(batch.hits, current[_HOURS])
                 first = await _max_id(conn) + 1
-                for sql, params in statements:
+                for sql, params in statements + hours[0]:
                     await conn.executemany(sql, params)
                 last = await _max_id(conn)
                 stale = self._catch_up or current != window.generations
@@ -417,6 +429,7 @@ class SQLiteStorage:
         except sqlite3.Error as exc:
             raise StorageError(f"writing {len(batch)} hits failed: {exc}") from exc
         self._generations = current
+        hours[1]()  # the hours rows are in the file now
         if keep_back:
             if stale:  # the sums are void; the ranges are aggregated from the rows later
                 self._window, self._catch_up = None, True
@@ -433,9 +446,14 @@ class SQLiteStorage:
 
     def _prepare(
         self, batch: Batch, window: _Window, keep_back: bool
-    ) -> tuple[list[Statement], tuple[list[Statement], list[Callable[[], None]]] | None]:
+    ) -> tuple[
+        list[Statement],
+        tuple[list[Statement], Callable[[], None]],
+        tuple[list[Statement], list[Callable[[], None]]] | None,
+    ]:
         statements = self._batch_statements(batch, window)
-        return statements, None if keep_back else window.statements()
+        hours = self._hours.statements(batch.hits, self._generations[_HOURS])
+        return statements, hours, None if keep_back else window.statements()
 
     async def _caught_up(
         self, conn: aiosqlite.Connection, generations: dict[str, int], batch: tuple[int, int]

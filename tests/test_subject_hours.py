@@ -1,0 +1,161 @@
+"""The hours tables that lead subject access, erasure and blocking to a subject's hits.
+
+On SQLite the batch writer notes them itself, in the transaction of the hits, and leaves
+out what it noted before (``subject_hours.HoursNotes``). These tests hold it to the truth
+a full scan of ``hits`` gives, across returning subjects, erasures and retention run by
+another connection, and batches that fail.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from collector import retention, subject_hours
+from collector.config import Settings
+from collector.errors import StorageError
+from collector.storage.base import Batch, HitRow
+from collector.storage.sqlite import SQLiteStorage
+from collector.subject_hours import HOUR_MS, HoursNotes
+from collector.subjects import Subject, erase
+from tests.conftest import SECRET, make_settings
+from tests.test_storage import sample_row
+
+NOW = 1_780_000_000_000  # 2026-05-28
+DAY = 86_400_000
+PACKAGE = Path(__file__).resolve().parent.parent / "collector"
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path)
+
+
+async def _opened(settings: Settings) -> AsyncIterator[SQLiteStorage]:
+    storage = SQLiteStorage(settings)
+    await storage.open()
+    yield storage
+    await storage.close()
+
+
+writer = pytest.fixture(_opened, name="writer")
+# Another connection to the same file, as the CLI or the governance API has.
+other = pytest.fixture(_opened, name="other")
+
+
+def hit(ts_ms: int, visitor: str, ip: str) -> HitRow:
+    return sample_row(ts_ms=ts_ms, visitor_id=visitor, ip=ip)
+
+
+async def noted(storage: SQLiteStorage) -> tuple[set[tuple[str, int]], set[tuple[str, int]]]:
+    visitors = await storage.fetch_all("SELECT visitor_id, hour FROM visitor_hours")
+    ips = await storage.fetch_all("SELECT ip, hour FROM ip_hours")
+    return (
+        {(r["visitor_id"], r["hour"]) for r in visitors},
+        {(r["ip"], r["hour"]) for r in ips},
+    )
+
+
+async def truth(storage: SQLiteStorage) -> tuple[set[tuple[str, int]], set[tuple[str, int]]]:
+    """What the hours tables must hold: every stored hit's hours, by a full scan."""
+    found = await storage.fetch_all("SELECT ts_ms, ip, visitor_id FROM hits")
+    return (
+        {(r["visitor_id"], r["ts_ms"] // HOUR_MS) for r in found if r["visitor_id"]},
+        {(r["ip"], r["ts_ms"] // HOUR_MS) for r in found},
+    )
+
+
+async def store(storage: SQLiteStorage, hits: Sequence[HitRow]) -> None:
+    await storage.write_batch(Batch(hits=list(hits)))
+
+
+@pytest.mark.parametrize("limit", [HoursNotes.LIMIT, 3])
+async def test_every_stored_hit_has_its_hours_noted(
+    writer: SQLiteStorage, monkeypatch: pytest.MonkeyPatch, limit: int
+) -> None:
+    # Returning visitors and addresses within the hour and across hours, new ones, hits
+    # without a visitor id; with the notes' memory full after 3 values as well.
+    monkeypatch.setattr(HoursNotes, "LIMIT", limit)
+    for batch in range(12):
+        at = NOW + batch * HOUR_MS // 5
+        visitors = [f"{(batch * 7 + i) % 9:032x}" for i in range(6)]
+        hits = [hit(at + i, v, f"10.0.0.{i % 4}") for i, v in enumerate(visitors)]
+        await store(writer, [*hits, hit(at, "", f"10.1.0.{batch}")])
+        assert await noted(writer) == await truth(writer)
+    visitors, ips = await truth(writer)
+    assert len(visitors) > 9 and len(ips) > 8  # subjects came back in later hours
+
+
+async def test_an_erasure_elsewhere_makes_the_writer_note_its_hours_again(
+    writer: SQLiteStorage, other: SQLiteStorage
+) -> None:
+    alice, ip = "a" * 32, "192.0.2.7"
+    await store(writer, [hit(NOW, alice, ip)])
+    erased = await erase(other, Subject("visitor", alice), SECRET, [])
+    assert erased.hits == 1
+    assert await noted(writer) == (set(), {(ip, NOW // HOUR_MS)})  # the address had no erasure
+    # Alice comes back within the hour the writer noted before the erasure.
+    await store(writer, [hit(NOW + 1, alice, ip)])
+    assert await noted(writer) == await truth(writer)
+    again = await erase(other, Subject("ip", ip), SECRET, [])
+    assert again.hits == 1
+    await store(writer, [hit(NOW + 2, alice, ip)])
+    assert await noted(writer) == await truth(writer)
+    assert (await erase(other, Subject("visitor", alice), SECRET, [])).hits == 1
+
+
+async def test_retention_elsewhere_makes_the_writer_note_old_hours_again(
+    writer: SQLiteStorage, other: SQLiteStorage, settings: Settings
+) -> None:
+    # Late hits in an hour that retention then forgets (its cutoff is ahead of them).
+    old = NOW - 400 * DAY
+    await store(writer, [hit(old, "a" * 32, "192.0.2.7")])
+    plan = await retention.plan(other, settings, now_ms=NOW)
+    assert await retention.purge(other, plan, chunk_size=100) == 1
+    assert await noted(writer) == (set(), set())
+    await store(writer, [hit(old + 1, "a" * 32, "192.0.2.7")])
+    assert await noted(writer) == await truth(writer) != (set(), set())
+    # Forgetting the hours is what must tell the writer (the rest of a purge may not).
+    await other.execute("DELETE FROM hits")
+    await subject_hours.purge(other, NOW)
+    await store(writer, [hit(old + 2, "a" * 32, "192.0.2.7")])
+    assert await noted(writer) == await truth(writer) != (set(), set())
+
+
+async def test_a_batch_that_failed_teaches_the_writer_nothing(writer: SQLiteStorage) -> None:
+    alice, ip = "a" * 32, "192.0.2.7"
+    broken = sample_row(ts_ms=NOW, visitor_id="b" * 32, user_agent=None)  # NOT NULL
+    with pytest.raises(StorageError):
+        await store(writer, [hit(NOW, alice, ip), broken])
+    assert await noted(writer) == (set(), set())
+    await store(writer, [hit(NOW + 1, alice, ip)])
+    assert await noted(writer) == ({(alice, NOW // HOUR_MS)}, {(ip, NOW // HOUR_MS)})
+
+
+async def test_a_reopened_store_believes_nothing_it_noted_before(
+    settings: Settings, writer: SQLiteStorage
+) -> None:
+    # The file may have been restored or edited while it was closed.
+    await store(writer, [hit(NOW, "a" * 32, "192.0.2.7")])
+    await writer.close()
+    await writer.open()
+    await writer.execute("DELETE FROM visitor_hours")  # as a restore of an older copy would
+    await store(writer, [hit(NOW + 1, "a" * 32, "192.0.2.7")])
+    assert await noted(writer) == await truth(writer)
+
+
+_INSERT_INTO_HITS = re.compile(r"\b(INSERT|REPLACE)\b[^;]*?\bINTO\s+hits\b", re.I | re.S)
+
+
+def test_only_the_batch_writer_inserts_hits() -> None:
+    # Without triggers, hits that another code path inserted on SQLite would have no hours
+    # noted, and erasure would miss them. PostgreSQL keeps its triggers (COPY, any node).
+    found = sorted(
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if _INSERT_INTO_HITS.search(path.read_text(encoding="utf-8"))
+    )
+    assert found == ["storage/sqlite.py"]
