@@ -15,10 +15,14 @@ invisible to subject access, erasure and blocking. Who notes them:
 - **SQLite**: the batch writer, in the transaction that inserts the hits
   (``SQLiteStorage.write_batch``, through ``HoursNotes``), the only code that inserts
   into ``hits`` (a test forbids any other). Migrations 0013 and 0014 had triggers do it;
-  0016 dropped them. A trigger ran two B-tree probes for every hit, ~2.6-3.8 µs of the
-  ~14 µs a stored hit costs SQLite (session 11), although a visitor and its address return
-  within the hour, so they almost always found their row there. ``HoursNotes`` remembers
-  the rows this process noted, and a batch writes only the ones it has not.
+  0016 dropped them. A trigger ran two B-tree probes for every hit, ~2.4-2.8 µs of CPU
+  a hit (session 11), although a visitor and its address return within the hour, so
+  they almost always found their row there. ``HoursNotes`` remembers the rows this
+  process noted, and a batch writes only the ones it has not. A mark of the highest hit
+  id whose hours are noted (``NOTED_UP_TO``) catches hits stored some other way (an
+  older version's writer still running after an upgrade, an operator's INSERT): the
+  next batch, or the next process to open the file, notes their hours. A collector
+  refuses a file whose schema is newer than its own.
 - **PostgreSQL**: triggers (migrations 0013 and 0014), on every insert whatever the path;
   the nodes share the database and keep no such memory.
 
@@ -102,6 +106,23 @@ async def purge(storage: Storage, cutoff_ms: int) -> int:
 
 _NOTE_VISITOR = "INSERT OR IGNORE INTO visitor_hours (visitor_id, hour) VALUES (?, ?)"
 _NOTE_IP = "INSERT OR IGNORE INTO ip_hours (ip, hour) VALUES (?, ?)"
+
+# SQLite's safety net: the highest hit id whose hours are noted. The writer moves it in
+# each batch's transaction; hits above it that the writer did not store (an older
+# version's writer still running after an upgrade, a downgrade, an operator's INSERT)
+# get their hours noted by the next batch or the next open (``SQLiteStorage``).
+NOTED_UP_TO = "SELECT value FROM rollup_state WHERE name = 'hours_noted'"
+SET_NOTED_UP_TO = (
+    "INSERT INTO rollup_state (name, value) VALUES ('hours_noted', ?) "
+    "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+)
+# Parameters: (after id, up to id).
+NOTE_RANGE = (
+    "INSERT OR IGNORE INTO visitor_hours (visitor_id, hour) SELECT visitor_id, ts_ms / 3600000 "
+    "FROM hits WHERE id > ? AND id <= ? AND visitor_id <> ''",
+    "INSERT OR IGNORE INTO ip_hours (ip, hour) SELECT ip, ts_ms / 3600000 "
+    "FROM hits WHERE id > ? AND id <= ?",
+)
 
 
 class HoursNotes:

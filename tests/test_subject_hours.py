@@ -8,6 +8,7 @@ another connection, and batches that fail.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from collector import retention, subject_hours
 from collector.config import Settings
 from collector.errors import StorageError
 from collector.storage.base import Batch, HitRow
+from collector.storage.driver import connect
 from collector.storage.sqlite import SQLiteStorage
 from collector.subject_hours import HOUR_MS, HoursNotes
 from collector.subjects import Subject, erase
@@ -147,12 +149,64 @@ async def test_a_reopened_store_believes_nothing_it_noted_before(
     assert await noted(writer) == await truth(writer)
 
 
+async def test_hits_another_writer_stored_are_noted_by_the_next_batch(
+    writer: SQLiteStorage, other: SQLiteStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An older version's writer still running after an upgrade (no triggers, no notes),
+    # a downgrade, an operator's INSERT: the writer's next batch notes their hours.
+    await store(writer, [hit(NOW, "a" * 32, "192.0.2.7")])
+    await _insert_raw(other, hit(NOW + 1, "b" * 32, "192.0.2.8"))
+    await _insert_raw(other, hit(NOW - 3 * HOUR_MS, "c" * 32, "192.0.2.9"))
+    assert await noted(writer) != await truth(writer)
+    await store(writer, [hit(NOW + 2, "a" * 32, "192.0.2.7")])
+    assert await noted(writer) == await truth(writer)
+    assert "hits 2 to 3 were stored by another writer" in caplog.text
+    assert (await erase(other, Subject("visitor", "c" * 32), SECRET, [])).hits == 1
+
+
+async def test_hits_stored_while_the_store_was_closed_are_noted_when_it_opens(
+    settings: Settings, writer: SQLiteStorage
+) -> None:
+    await store(writer, [hit(NOW, "a" * 32, "192.0.2.7")])
+    await writer.close()
+    await _insert_raw(writer, hit(NOW + HOUR_MS, "b" * 32, "192.0.2.8"), closed=True)
+    again = SQLiteStorage(settings)
+    await again.open()
+    try:
+        assert await noted(again) == await truth(again)
+        assert (await erase(again, Subject("ip", "192.0.2.8"), SECRET, [])).hits == 1
+    finally:
+        await again.close()
+
+
+async def _insert_raw(storage: SQLiteStorage, row: HitRow, *, closed: bool = False) -> None:
+    """A hit stored by plain SQL, as no code of ours does."""
+    sql = f"INSERT INTO hits ({', '.join(HitRow._fields)}) VALUES ({', '.join('?' * len(row))})"
+    if closed:
+        with contextlib.closing(connect(storage.path)) as conn, conn:
+            conn.execute(sql, tuple(row))
+        return
+    await storage.execute(sql, list(row))
+
+
+async def test_a_store_written_by_a_newer_collector_is_refused(
+    settings: Settings, writer: SQLiteStorage
+) -> None:
+    # An older collector would store hits without noting their hours (its schema
+    # expects the triggers that 0016 dropped), or worse: it must not write there at all.
+    await writer.execute("INSERT INTO schema_version VALUES (9999, 'future', datetime('now'))")
+    await writer.close()
+    with pytest.raises(StorageError, match="schema version 9999, newer than this collector"):
+        await SQLiteStorage(settings).open()
+
+
 _INSERT_INTO_HITS = re.compile(r"\b(INSERT|REPLACE)\b[^;]*?\bINTO\s+hits\b", re.I | re.S)
 
 
 def test_only_the_batch_writer_inserts_hits() -> None:
     # Without triggers, hits that another code path inserted on SQLite would have no hours
-    # noted, and erasure would miss them. PostgreSQL keeps its triggers (COPY, any node).
+    # noted until the writer's next batch or open, and erasure would miss them meanwhile.
+    # PostgreSQL keeps its triggers (COPY, any node).
     found = sorted(
         str(path.relative_to(PACKAGE))
         for path in PACKAGE.rglob("*.py")

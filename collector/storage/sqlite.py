@@ -34,7 +34,7 @@ from collector.storage.base import (
 )
 from collector.storage.driver import connect, sqlite3
 from collector.storage.migrations import migrations
-from collector.subject_hours import HoursNotes
+from collector.subject_hours import NOTE_RANGE, NOTED_UP_TO, SET_NOTED_UP_TO, HoursNotes
 from collector.visibility import VISIBLE
 
 logger = logging.getLogger(__name__)
@@ -150,6 +150,23 @@ async def _max_id(conn: aiosqlite.Connection) -> int:
     return int(row[0]) if row else 0
 
 
+async def _note_strays(conn: aiosqlite.Connection, top: int) -> None:
+    """Note the hours of the hits up to id ``top`` above the noted mark: none, unless
+    something other than this code stored hits (an older version's writer still running
+    after an upgrade, a downgrade, an operator's INSERT; collector.subject_hours)."""
+    async with conn.execute(NOTED_UP_TO) as cur:
+        row = await cur.fetchone()
+    noted = int(row[0]) if row else 0
+    if top > noted:
+        for sql in NOTE_RANGE:
+            await conn.execute(sql, (noted, top))
+        logger.warning(
+            "hits %d to %d were stored by another writer: their hours are noted now",
+            noted + 1,
+            top,
+        )
+
+
 def _union(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Overlapping id ranges merged (ids of erased rows can be used again)."""
     out: list[tuple[int, int]] = []
@@ -243,6 +260,7 @@ class SQLiteStorage:
             for aggregate in self._windowed:
                 aggregate.forget()
             self._hours.forget()
+            await self._note_strays_now(self._write)
             self._generations = await self._read_generations(self._write)
             if self._sole:
                 async with self._write.execute("SELECT 1 FROM aggregate_pending LIMIT 1") as c:
@@ -251,6 +269,9 @@ class SQLiteStorage:
             self._read.row_factory = sqlite3.Row
             self._admin = await self._connect(readonly=False)
             self._admin.row_factory = sqlite3.Row
+        except StorageError:
+            await self.close()
+            raise
         except (sqlite3.Error, OSError) as exc:
             await self.close()
             raise StorageError(f"cannot open SQLite database {self.path}: {exc}") from exc
@@ -267,7 +288,17 @@ class SQLiteStorage:
             "CREATE TABLE IF NOT EXISTS schema_version ("
             "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
         )
-        for number, name, sql in migrations("sqlite"):
+        known = migrations("sqlite")
+        async with conn.execute("SELECT max(version) FROM schema_version") as cur:
+            row = await cur.fetchone()
+        if row and row[0] is not None and int(row[0]) > known[-1][0]:
+            # An older collector would write to a schema it does not know: since 0016,
+            # one that would store hits without noting their hours.
+            raise StorageError(
+                f"{self.path} has schema version {row[0]}, newer than this collector's "
+                f"{known[-1][0]}: a newer collector wrote it; run that one"
+            )
+        for number, name, sql in known:
             # Several workers may start at once: BEGIN IMMEDIATE serialises them and the
             # version is re-read inside the transaction.
             await conn.execute("BEGIN IMMEDIATE")
@@ -394,9 +425,11 @@ class SQLiteStorage:
                     # Hours rows were deleted since the notes were checked: all again.
                     hours = self._hours.statements(batch.hits, current[_HOURS])
                 first = await _max_id(conn) + 1
+                await _note_strays(conn, first - 1)
                 for sql, params in statements + hours[0]:
                     await conn.executemany(sql, params)
                 last = await _max_id(conn)
+                await conn.execute(SET_NOTED_UP_TO, (last,))
                 stale = self._catch_up or current != window.generations
                 if keep_back:
                     if last >= first:
@@ -443,6 +476,19 @@ class SQLiteStorage:
         assert ended is not None
         for done in ended[1]:
             done()
+
+    async def _note_strays_now(self, conn: aiosqlite.Connection) -> None:
+        """At open: the hours of hits another writer stored (``_note_strays``), before
+        anyone looks a subject up through this process."""
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            top = await _max_id(conn)
+            await _note_strays(conn, top)
+            await conn.execute(SET_NOTED_UP_TO, (top,))
+            await conn.execute("COMMIT")
+        except BaseException:
+            await conn.execute("ROLLBACK")
+            raise
 
     def _prepare(
         self, batch: Batch, window: _Window, keep_back: bool

@@ -6,3 +6,7 @@
 -- forbids any other), so erasure and subject access still find every hit.
 DROP TRIGGER hits_visitor_hours;
 DROP TRIGGER hits_ip_hours;
+-- The safety net for hits that reach the file some other way (an older version's writer
+-- still running, a downgrade): the writer notes the hours of every hit above this id.
+INSERT OR REPLACE INTO rollup_state (name, value)
+    SELECT 'hours_noted', coalesce(max(id), 0) FROM hits;
