@@ -111,11 +111,13 @@ async def purge(
         await rollups.mark_purged(tx, p.cutoff_ms)
     while True:
         if p.mode == "delete":
-            n = await storage.execute(
-                "DELETE FROM hits WHERE id IN "
-                "(SELECT id FROM hits WHERE ts_ms < ? ORDER BY ts_ms LIMIT ?)",
-                [p.cutoff_ms, chunk_size],
-            )
+            async with storage.transaction() as tx:
+                n = await tx.execute(
+                    "DELETE FROM hits WHERE id IN "
+                    "(SELECT id FROM hits WHERE ts_ms < ? ORDER BY ts_ms LIMIT ?)",
+                    [p.cutoff_ms, chunk_size],
+                )
+                await subject_hours.hits_deleted(tx)
         else:
             n = await _depersonalise_chunk(storage, p.cutoff_ms, chunk_size)
         done += n

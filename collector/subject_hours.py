@@ -21,8 +21,9 @@ invisible to subject access, erasure and blocking. Who notes them:
   process noted, and a batch writes only the ones it has not. A mark of the highest hit
   id whose hours are noted (``NOTED_UP_TO``) catches hits stored some other way (an
   older version's writer still running after an upgrade, an operator's INSERT): the
-  next batch, or the next process to open the file, notes their hours. A collector
-  refuses a file whose schema is newer than its own.
+  next batch, or the next process to open the file, notes their hours; deleting the
+  newest hits lowers it (their ids are handed out again). From this version on, a
+  collector refuses a file whose schema is newer than its own.
 - **PostgreSQL**: triggers (migrations 0013 and 0014), on every insert whatever the path;
   the nodes share the database and keep no such memory.
 
@@ -34,6 +35,7 @@ addresses that depersonalised hits keep are not looked up by anyone and are not 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -116,6 +118,14 @@ SET_NOTED_UP_TO = (
     "INSERT INTO rollup_state (name, value) VALUES ('hours_noted', ?) "
     "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
 )
+# Hit ids are reused once the newest hits are deleted (no AUTOINCREMENT), so every
+# transaction of ours that deletes hits lowers the mark to what is left
+# (``hits_deleted``); otherwise a hit stored elsewhere under a reused id would pass
+# below it unnoticed.
+_LOWER_NOTED_UP_TO = (
+    "UPDATE rollup_state SET value = (SELECT coalesce(max(id), 0) FROM hits) "
+    "WHERE name = 'hours_noted' AND value > (SELECT coalesce(max(id), 0) FROM hits)"
+)
 # Parameters: (after id, up to id).
 NOTE_RANGE = (
     "INSERT OR IGNORE INTO visitor_hours (visitor_id, hour) SELECT visitor_id, ts_ms / 3600000 "
@@ -123,6 +133,12 @@ NOTE_RANGE = (
     "INSERT OR IGNORE INTO ip_hours (ip, hour) SELECT ip, ts_ms / 3600000 "
     "FROM hits WHERE id > ? AND id <= ?",
 )
+
+
+async def hits_deleted(tx: Transaction) -> None:
+    """Call in every transaction that deletes hits, after the deletes (SQLite's mark of
+    hours noted; on PostgreSQL there is no mark and nothing happens)."""
+    await tx.execute(_LOWER_NOTED_UP_TO)
 
 
 class HoursNotes:
@@ -139,8 +155,9 @@ class HoursNotes:
 
     # Pairs remembered per table and generation of the cache: two generations of at most
     # this many, ~250 bytes a pair (tuple, hour, value), ~4 MB at most for both tables
-    # (RSS budget). A full generation becomes the old one; pairs seen again move to the
-    # new one, so a returning visitor is not written again, a one-off is forgotten.
+    # (RSS budget). A generation that a batch would take past it becomes the old one;
+    # pairs seen again move to the new one, so a returning visitor is not written again
+    # and a one-off is forgotten. Remembering less is always safe.
     LIMIT = 4096
 
     def __init__(self) -> None:
@@ -183,13 +200,23 @@ class _Known:
     def __init__(self) -> None:
         self.visitors: set[tuple[str, int]] = set()
         self.ips: set[tuple[str, int]] = set()
-        self.old_visitors: frozenset[tuple[str, int]] | set[tuple[str, int]] = frozenset()
-        self.old_ips: frozenset[tuple[str, int]] | set[tuple[str, int]] = frozenset()
+        self.old_visitors: set[tuple[str, int]] = set()
+        self.old_ips: set[tuple[str, int]] = set()
 
     def add(self, visitors: set[tuple[str, int]], ips: set[tuple[str, int]], limit: int) -> None:
-        self.visitors |= visitors
-        self.ips |= ips
-        if len(self.visitors) > limit:
-            self.old_visitors, self.visitors = self.visitors, set()
-        if len(self.ips) > limit:
-            self.old_ips, self.ips = self.ips, set()
+        self.visitors, self.old_visitors = _remember(
+            self.visitors, self.old_visitors, visitors, limit
+        )
+        self.ips, self.old_ips = _remember(self.ips, self.old_ips, ips, limit)
+
+
+def _remember(
+    current: set[tuple[str, int]], old: set[tuple[str, int]], seen: set[tuple[str, int]], limit: int
+) -> tuple[set[tuple[str, int]], set[tuple[str, int]]]:
+    """(current, old) generations once ``seen`` is remembered, each at most ``limit``."""
+    if len(seen) > limit:  # a batch of new visitors alone: keep some of it
+        seen = set(itertools.islice(seen, limit))
+    if len(current) + len(seen - current) > limit:
+        return set(seen), current
+    current |= seen
+    return current, old

@@ -280,6 +280,7 @@ async def erase(
     async with storage.transaction() as tx:
         scopes = await hits_where(tx, subject)  # before the hours tables lose the subject
         hits, when, consent_ids = await _delete_hits(tx, scopes)
+        await subject_hours.hits_deleted(tx)
         counts = {
             t.name: await tx.execute(f"DELETE FROM {t.name} WHERE {clause}", [subject.value])
             for t, clause in tables

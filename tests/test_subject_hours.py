@@ -18,6 +18,7 @@ import pytest
 from collector import retention, subject_hours
 from collector.config import Settings
 from collector.errors import StorageError
+from collector.storage import sqlite as sqlite_storage
 from collector.storage.base import Batch, HitRow
 from collector.storage.driver import connect
 from collector.storage.sqlite import SQLiteStorage
@@ -165,18 +166,60 @@ async def test_hits_another_writer_stored_are_noted_by_the_next_batch(
 
 
 async def test_hits_stored_while_the_store_was_closed_are_noted_when_it_opens(
-    settings: Settings, writer: SQLiteStorage
+    settings: Settings, writer: SQLiteStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A long backlog is noted in several transactions (here of 2 ids each).
+    monkeypatch.setattr(sqlite_storage, "_STRAYS_CHUNK", 2)
     await store(writer, [hit(NOW, "a" * 32, "192.0.2.7")])
     await writer.close()
-    await _insert_raw(writer, hit(NOW + HOUR_MS, "b" * 32, "192.0.2.8"), closed=True)
+    for i in range(5):
+        row = hit(NOW + i * HOUR_MS, f"{i:032x}", f"192.0.2.{8 + i}")
+        await _insert_raw(writer, row, closed=True)
     again = SQLiteStorage(settings)
     await again.open()
     try:
         assert await noted(again) == await truth(again)
-        assert (await erase(again, Subject("ip", "192.0.2.8"), SECRET, [])).hits == 1
+        assert (await erase(again, Subject("ip", "192.0.2.12"), SECRET, [])).hits == 1
     finally:
         await again.close()
+
+
+@pytest.mark.parametrize("deletion", ["erasure", "retention"])
+async def test_ids_freed_by_deleting_the_newest_hits_are_watched_again(
+    writer: SQLiteStorage, other: SQLiteStorage, settings: Settings, deletion: str
+) -> None:
+    # hits.id is reused once the newest rows are gone: a hit stored elsewhere under a
+    # reused id must still be caught, so deletions lower the mark.
+    old = NOW - 400 * DAY
+    await store(writer, [hit(NOW - 3 * HOUR_MS, "a" * 32, "192.0.2.7")])
+    await store(writer, [hit(old, "b" * 32, "192.0.2.8"), hit(old + 1, "b" * 32, "192.0.2.8")])
+    if deletion == "erasure":
+        assert (await erase(other, Subject("visitor", "b" * 32), SECRET, [])).hits == 2
+    else:
+        plan = await retention.plan(other, settings, now_ms=NOW)
+        assert await retention.purge(other, plan, chunk_size=1) == 2
+    await _insert_raw(other, hit(NOW, "c" * 32, "192.0.2.9"))  # id 2 again
+    await store(writer, [hit(NOW + 1, "a" * 32, "192.0.2.7")])
+    (visitors, ips), (all_visitors, all_ips) = await truth(writer), await noted(writer)
+    assert visitors <= all_visitors and ips <= all_ips  # an erased visitor's IP may stay
+    assert (await erase(other, Subject("visitor", "c" * 32), SECRET, [])).hits == 1
+
+
+def test_the_notes_hold_at_most_twice_their_limit_per_table() -> None:
+    notes = HoursNotes()
+    notes.LIMIT = 4
+    sizes = []
+    for batch in range(6):  # batches of new visitors larger than the limit, then small
+        n = 9 if batch < 3 else 2
+        hits = [hit(NOW, f"{batch:08x}{i:024x}", f"10.{batch}.0.{i}") for i in range(n)]
+        statements, committed = notes.statements(hits, 0)
+        committed()
+        known = notes._known
+        sizes.append((len(known.visitors), len(known.old_visitors), len(known.ips)))
+        # Whatever it forgot, it still sends: everything it does not remember.
+        sent = {tuple(p) for _, params in statements for p in params}
+        assert len(sent) == 2 * n
+    assert all(v <= 4 and o <= 4 and i <= 4 for v, o, i in sizes), sizes
 
 
 async def _insert_raw(storage: SQLiteStorage, row: HitRow, *, closed: bool = False) -> None:

@@ -104,6 +104,7 @@ def hit_inserts(hits: Sequence[HitRow]) -> list[Statement]:
 
 # The rewrite generation that ``HoursNotes`` checks its notes against.
 _HOURS = rewrites.GENERATION_SQL
+_STRAYS_CHUNK = 100_000  # ids of hits stored elsewhere noted per transaction at open
 _IDLE_S = 0.5  # a window nothing follows for this long ends on its own
 # The most hits a window sums: what 4 batches of 8,000 held before windows could last 2 s
 # and 8 batches. Its dicts, and the rows a catch-up re-reads, grow with it (RSS budget).
@@ -150,21 +151,25 @@ async def _max_id(conn: aiosqlite.Connection) -> int:
     return int(row[0]) if row else 0
 
 
-async def _note_strays(conn: aiosqlite.Connection, top: int) -> None:
-    """Note the hours of the hits up to id ``top`` above the noted mark: none, unless
-    something other than this code stored hits (an older version's writer still running
-    after an upgrade, a downgrade, an operator's INSERT; collector.subject_hours)."""
+async def _note_strays(conn: aiosqlite.Connection, top: int, most: int | None = None) -> int:
+    """Note the hours of the hits up to id ``top`` above the noted mark (at most ``most``
+    of them): none, unless something other than this code stored hits (an older
+    version's writer still running after an upgrade, a downgrade, an operator's INSERT;
+    collector.subject_hours). Returns the id they are noted up to now."""
     async with conn.execute(NOTED_UP_TO) as cur:
         row = await cur.fetchone()
     noted = int(row[0]) if row else 0
-    if top > noted:
-        for sql in NOTE_RANGE:
-            await conn.execute(sql, (noted, top))
-        logger.warning(
-            "hits %d to %d were stored by another writer: their hours are noted now",
-            noted + 1,
-            top,
-        )
+    if top <= noted:
+        return top
+    upto = top if most is None else min(top, noted + most)
+    for sql in NOTE_RANGE:
+        await conn.execute(sql, (noted, upto))
+    logger.warning(
+        "hits %d to %d were stored by another writer: their hours are noted now",
+        noted + 1,
+        upto,
+    )
+    return upto
 
 
 def _union(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -479,16 +484,21 @@ class SQLiteStorage:
 
     async def _note_strays_now(self, conn: aiosqlite.Connection) -> None:
         """At open: the hours of hits another writer stored (``_note_strays``), before
-        anyone looks a subject up through this process."""
-        await conn.execute("BEGIN IMMEDIATE")
-        try:
-            top = await _max_id(conn)
-            await _note_strays(conn, top)
-            await conn.execute(SET_NOTED_UP_TO, (top,))
-            await conn.execute("COMMIT")
-        except BaseException:
-            await conn.execute("ROLLBACK")
-            raise
+        anyone looks a subject up through this process. A transaction per
+        ``_STRAYS_CHUNK`` ids: a long backlog (an older version that ran for days) must
+        not hold the write lock past another process's busy timeout."""
+        while True:
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                top = await _max_id(conn)
+                upto = await _note_strays(conn, top, most=_STRAYS_CHUNK)
+                await conn.execute(SET_NOTED_UP_TO, (upto,))
+                await conn.execute("COMMIT")
+            except BaseException:
+                await conn.execute("ROLLBACK")
+                raise
+            if upto >= top:
+                return
 
     def _prepare(
         self, batch: Batch, window: _Window, keep_back: bool
