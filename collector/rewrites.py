@@ -1,10 +1,9 @@
 """The rewrite generation: one counter that every rewrite of stored aggregates bumps.
 
-Aggregators, and SQLite's batch writer for the hours tables, may keep a process-local
-cache of what the database already holds (rollup registers, IP statistics value rows,
-``visitor_hours`` and ``ip_hours`` rows) and leave out statements it proves redundant.
-Such a cache is only true while nobody lowered or deleted those rows. Every code path
-that does -- rebuilds, retention, erasure -- bumps this counter in its own transaction, and
+Aggregators may keep a process-local cache of what the database already holds (rollup
+registers, IP statistics value rows) and leave out statements it proves redundant. Such
+a cache is only true while nobody lowered or deleted those rows. Every code path that
+does -- rebuilds, retention, erasure -- bumps this counter in its own transaction, and
 the batch writer reads it inside each batch transaction (``SQLiteStorage.write_batch``):
 when it moved, the caches are emptied and the batch prepared again. The counter lives in
 the database, so rewrites by other processes (the CLI, governance API) count too.

@@ -285,11 +285,11 @@ async def erase(
             t.name: await tx.execute(f"DELETE FROM {t.name} WHERE {clause}", [subject.value])
             for t, clause in tables
         }
-        # The hours rows and per-IP value rows went with the personal tables above. A
-        # writer that stored such rows before leaves them out of later batches until the
-        # rewrite generation moves: it must learn that these are gone
-        # (collector.subject_hours, collector.ipstats).
-        await rewrites.bump(tx)
+        if await _exists(tx, tables, "ipstat_daily"):
+            # The per-IP rows went with the personal tables above. A writer that stored
+            # value rows before leaves them out of later batches until the rewrite
+            # generation moves: it must learn that these are gone (collector.ipstats).
+            await rewrites.bump(tx)
         # Released blocks are history; active ones must keep naming the subject to work.
         counts["blocks"] = await tx.execute(
             "UPDATE blocks SET value = ? WHERE kind = ? AND value = ? AND released_at IS NOT NULL",
@@ -341,6 +341,10 @@ async def _delete_hits(
                 break
             since = [last]
     return deleted, (lo, hi) if lo is not None else None, sorted(consent_ids)
+
+
+async def _exists(tx: Transaction, tables: list[tuple[PersonalTable, str]], name: str) -> bool:
+    return any(t.name == name for t, _ in tables)
 
 
 async def _pseudonymise(

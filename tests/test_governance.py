@@ -53,7 +53,7 @@ async def store_elsewhere(app: CollectorApp, ts_ms: int, ip: str, visitor: str) 
     """A hit that the app's writer did not write. On PostgreSQL a plain INSERT, whose
     hours the triggers note (any node, any path). On SQLite only the batch writer
     inserts hits (a test forbids any other code): another writer on the same file, as
-    the CLI or a second process has, with hours notes of its own."""
+    the CLI or a second process has, which notes the hours of what it stores."""
     if app.settings.storage.backend == "postgres":
         await app.storage.execute(
             "INSERT INTO hits (ts_ms, ip, visitor_id, session_id, user_agent, browser_family, "

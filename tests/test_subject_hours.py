@@ -1,9 +1,9 @@
 """The hours tables that lead subject access, erasure and blocking to a subject's hits.
 
-On SQLite the batch writer notes them itself, in the transaction of the hits, and leaves
-out what it noted before (``subject_hours.HoursNotes``). These tests hold it to the truth
-a full scan of ``hits`` gives, across returning subjects, erasures and retention run by
-another connection, and batches that fail.
+On SQLite the batch writer notes them itself, in the transaction of the hits, for every
+id above a mark of what is noted (``subject_hours.NOTED_UP_TO``). These tests hold it to
+the truth a full scan of ``hits`` gives: across returning subjects, erasures and
+retention run by another connection, batches that fail, and hits stored by plain SQL.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collector.storage import sqlite as sqlite_storage
 from collector.storage.base import Batch, HitRow
 from collector.storage.driver import connect
 from collector.storage.sqlite import SQLiteStorage
-from collector.subject_hours import HOUR_MS, HoursNotes
+from collector.subject_hours import HOUR_MS
 from collector.subjects import Subject, erase
 from tests.conftest import SECRET, make_settings
 from tests.test_storage import sample_row
@@ -75,13 +75,9 @@ async def store(storage: SQLiteStorage, hits: Sequence[HitRow]) -> None:
     await storage.write_batch(Batch(hits=list(hits)))
 
 
-@pytest.mark.parametrize("limit", [HoursNotes.LIMIT, 3])
-async def test_every_stored_hit_has_its_hours_noted(
-    writer: SQLiteStorage, monkeypatch: pytest.MonkeyPatch, limit: int
-) -> None:
+async def test_every_stored_hit_has_its_hours_noted(writer: SQLiteStorage) -> None:
     # Returning visitors and addresses within the hour and across hours, new ones, hits
-    # without a visitor id; with the notes' memory full after 3 values as well.
-    monkeypatch.setattr(HoursNotes, "LIMIT", limit)
+    # without a visitor id.
     for batch in range(12):
         at = NOW + batch * HOUR_MS // 5
         visitors = [f"{(batch * 7 + i) % 9:032x}" for i in range(6)]
@@ -92,7 +88,7 @@ async def test_every_stored_hit_has_its_hours_noted(
     assert len(visitors) > 9 and len(ips) > 8  # subjects came back in later hours
 
 
-async def test_an_erasure_elsewhere_makes_the_writer_note_its_hours_again(
+async def test_a_subject_erased_elsewhere_is_noted_again_when_it_returns(
     writer: SQLiteStorage, other: SQLiteStorage
 ) -> None:
     alice, ip = "a" * 32, "192.0.2.7"
@@ -110,7 +106,7 @@ async def test_an_erasure_elsewhere_makes_the_writer_note_its_hours_again(
     assert (await erase(other, Subject("visitor", alice), SECRET, [])).hits == 1
 
 
-async def test_retention_elsewhere_makes_the_writer_note_old_hours_again(
+async def test_hours_retention_forgot_are_noted_again_for_late_hits(
     writer: SQLiteStorage, other: SQLiteStorage, settings: Settings
 ) -> None:
     # Late hits in an hour that retention then forgets (its cutoff is ahead of them).
@@ -121,14 +117,16 @@ async def test_retention_elsewhere_makes_the_writer_note_old_hours_again(
     assert await noted(writer) == (set(), set())
     await store(writer, [hit(old + 1, "a" * 32, "192.0.2.7")])
     assert await noted(writer) == await truth(writer) != (set(), set())
-    # Forgetting the hours is what must tell the writer (the rest of a purge may not).
+    # The hours alone forgotten, as retention does last.
     await other.execute("DELETE FROM hits")
     await subject_hours.purge(other, NOW)
     await store(writer, [hit(old + 2, "a" * 32, "192.0.2.7")])
     assert await noted(writer) == await truth(writer) != (set(), set())
 
 
-async def test_a_batch_that_failed_teaches_the_writer_nothing(writer: SQLiteStorage) -> None:
+async def test_a_batch_that_failed_leaves_no_hours_and_the_next_notes_its_own(
+    writer: SQLiteStorage,
+) -> None:
     alice, ip = "a" * 32, "192.0.2.7"
     broken = sample_row(ts_ms=NOW, visitor_id="b" * 32, user_agent=None)  # NOT NULL
     with pytest.raises(StorageError):
@@ -138,16 +136,15 @@ async def test_a_batch_that_failed_teaches_the_writer_nothing(writer: SQLiteStor
     assert await noted(writer) == ({(alice, NOW // HOUR_MS)}, {(ip, NOW // HOUR_MS)})
 
 
-async def test_a_reopened_store_believes_nothing_it_noted_before(
-    settings: Settings, writer: SQLiteStorage
+async def test_a_batch_under_a_mark_left_too_high_still_notes_its_own_hits(
+    writer: SQLiteStorage, other: SQLiteStorage
 ) -> None:
-    # The file may have been restored or edited while it was closed.
-    await store(writer, [hit(NOW, "a" * 32, "192.0.2.7")])
-    await writer.close()
-    await writer.open()
-    await writer.execute("DELETE FROM visitor_hours")  # as a restore of an older copy would
-    await store(writer, [hit(NOW + 1, "a" * 32, "192.0.2.7")])
-    assert await noted(writer) == await truth(writer)
+    # The newest hit deleted by hand leaves the mark above the ids the next batch gets.
+    await store(writer, [hit(NOW, "a" * 32, "192.0.2.7"), hit(NOW + 1, "b" * 32, "192.0.2.8")])
+    await other.execute("DELETE FROM hits WHERE visitor_id = ?", ["b" * 32])
+    await store(writer, [hit(NOW + 2, "c" * 32, "192.0.2.9")])  # id 2 again
+    visitors, _ = await noted(writer)
+    assert ("c" * 32, NOW // HOUR_MS) in visitors
 
 
 async def test_hits_another_writer_stored_are_noted_by_the_next_batch(
@@ -203,23 +200,6 @@ async def test_ids_freed_by_deleting_the_newest_hits_are_watched_again(
     (visitors, ips), (all_visitors, all_ips) = await truth(writer), await noted(writer)
     assert visitors <= all_visitors and ips <= all_ips  # an erased visitor's IP may stay
     assert (await erase(other, Subject("visitor", "c" * 32), SECRET, [])).hits == 1
-
-
-def test_the_notes_hold_at_most_twice_their_limit_per_table() -> None:
-    notes = HoursNotes()
-    notes.LIMIT = 4
-    sizes = []
-    for batch in range(6):  # batches of new visitors larger than the limit, then small
-        n = 9 if batch < 3 else 2
-        hits = [hit(NOW, f"{batch:08x}{i:024x}", f"10.{batch}.0.{i}") for i in range(n)]
-        statements, committed = notes.statements(hits, 0)
-        committed()
-        known = notes._known
-        sizes.append((len(known.visitors), len(known.old_visitors), len(known.ips)))
-        # Whatever it forgot, it still sends: everything it does not remember.
-        sent = {tuple(p) for _, params in statements for p in params}
-        assert len(sent) == 2 * n
-    assert all(v <= 4 and o <= 4 and i <= 4 for v, o, i in sizes), sizes
 
 
 async def _insert_raw(storage: SQLiteStorage, row: HitRow, *, closed: bool = False) -> None:

@@ -20,7 +20,6 @@ from typing import Any
 
 import aiosqlite
 
-from collector import rewrites
 from collector.config import Settings
 from collector.errors import StorageError
 from collector.storage.base import (
@@ -34,7 +33,7 @@ from collector.storage.base import (
 )
 from collector.storage.driver import connect, sqlite3
 from collector.storage.migrations import migrations
-from collector.subject_hours import NOTE_RANGE, NOTED_UP_TO, SET_NOTED_UP_TO, HoursNotes
+from collector.subject_hours import NOTE_RANGE, NOTED_UP_TO, SET_NOTED_UP_TO
 from collector.visibility import VISIBLE
 
 logger = logging.getLogger(__name__)
@@ -102,8 +101,6 @@ def hit_inserts(hits: Sequence[HitRow]) -> list[Statement]:
     return [(sql, rows) for sql, rows in ((_INSERT_PIXEL_HIT, pixel), (_INSERT_HIT, full)) if rows]
 
 
-# The rewrite generation that ``HoursNotes`` checks its notes against.
-_HOURS = rewrites.GENERATION_SQL
 _STRAYS_CHUNK = 100_000  # ids of hits stored elsewhere noted per transaction at open
 _IDLE_S = 0.5  # a window nothing follows for this long ends on its own
 # The most hits a window sums: what 4 batches of 8,000 held before windows could last 2 s
@@ -151,24 +148,30 @@ async def _max_id(conn: aiosqlite.Connection) -> int:
     return int(row[0]) if row else 0
 
 
-async def _note_strays(conn: aiosqlite.Connection, top: int, most: int | None = None) -> int:
-    """Note the hours of the hits up to id ``top`` above the noted mark (at most ``most``
-    of them): none, unless something other than this code stored hits (an older
-    version's writer still running after an upgrade, a downgrade, an operator's INSERT;
-    collector.subject_hours). Returns the id they are noted up to now."""
+async def _note_hours(
+    conn: aiosqlite.Connection, ours: int, top: int, most: int | None = None
+) -> int:
+    """Note the hours of the hits above the noted mark up to id ``top`` (at most ``most``
+    of them), and move the mark there; returns it. Ids above ``ours`` are the hits this
+    transaction stored, noted even if the mark is above them (a hand-made DELETE of the
+    newest hits does not lower it). Any other id above the mark is a hit that something
+    else stored (an older version's writer still running after an upgrade, an operator's
+    INSERT; collector.subject_hours), and is logged."""
     async with conn.execute(NOTED_UP_TO) as cur:
         row = await cur.fetchone()
     noted = int(row[0]) if row else 0
-    if top <= noted:
-        return top
-    upto = top if most is None else min(top, noted + most)
-    for sql in NOTE_RANGE:
-        await conn.execute(sql, (noted, upto))
-    logger.warning(
-        "hits %d to %d were stored by another writer: their hours are noted now",
-        noted + 1,
-        upto,
-    )
+    low = min(noted, ours)
+    upto = top if most is None else min(top, low + most)
+    if upto > low:
+        for sql in NOTE_RANGE:
+            await conn.execute(sql, (low, upto))
+        if low < ours:
+            logger.warning(
+                "hits %d to %d were stored by another writer: their hours are noted now",
+                low + 1,
+                min(ours, upto),
+            )
+    await conn.execute(SET_NOTED_UP_TO, (upto,))
     return upto
 
 
@@ -214,13 +217,8 @@ class SQLiteStorage:
         self._admin_lock = asyncio.Lock()
         self._windowed = [a for a in self.aggregators if isinstance(a, WindowedAggregator)]
         self._plain = [a for a in self.aggregators if not isinstance(a, WindowedAggregator)]
-        # The rewrite generation each windowed aggregator's cache, and the hours notes
-        # (``_hours``), were last checked against.
+        # The rewrite generation each windowed aggregator's cache was last checked against.
         self._generations: dict[str, int] = {}
-        self._generation_sqls = {a.generation_sql for a in self._windowed}
-        self._generation_sqls.add(rewrites.GENERATION_SQL)
-        # This writer notes the hours of its hits itself (collector.subject_hours).
-        self._hours = HoursNotes()
         self._window: _Window | None = None
         # Ranges in ``aggregate_pending`` that no window of ours holds (left by a writer
         # that died, or by a window we had to drop): the next write aggregates them.
@@ -264,7 +262,6 @@ class SQLiteStorage:
             await self._migrate(self._write)
             for aggregate in self._windowed:
                 aggregate.forget()
-            self._hours.forget()
             await self._note_strays_now(self._write)
             self._generations = await self._read_generations(self._write)
             if self._sole:
@@ -377,7 +374,7 @@ class SQLiteStorage:
 
     async def _read_generations(self, conn: aiosqlite.Connection) -> dict[str, int]:
         found: dict[str, int] = {}
-        for sql in self._generation_sqls:
+        for sql in {a.generation_sql for a in self._windowed}:
             async with conn.execute(sql) as cur:
                 row = await cur.fetchone()
             found[sql] = int(row[0]) if row else 0
@@ -420,21 +417,20 @@ class SQLiteStorage:
         # Pre-aggregating a batch is several us of Python per hit; in a worker thread the
         # GIL switch interval lets the event loop answer pixels meanwhile (p99), where
         # running it inline stalled the loop for the whole batch.
-        statements, hours, ended = await asyncio.to_thread(self._prepare, batch, window, keep_back)
+        statements, ended = await asyncio.to_thread(self._prepare, batch, window, keep_back)
         current = self._generations
         try:
             await conn.execute("BEGIN IMMEDIATE")
             try:
-                current = await self._read_generations(conn)
-                if current[_HOURS] != self._generations[_HOURS]:
-                    # Hours rows were deleted since the notes were checked: all again.
-                    hours = self._hours.statements(batch.hits, current[_HOURS])
+                if self._windowed:
+                    current = await self._read_generations(conn)
                 first = await _max_id(conn) + 1
-                await _note_strays(conn, first - 1)
-                for sql, params in statements + hours[0]:
+                for sql, params in statements:
                     await conn.executemany(sql, params)
                 last = await _max_id(conn)
-                await conn.execute(SET_NOTED_UP_TO, (last,))
+                # The hours of these hits, read back from the rows just written, where
+                # the pages still are (collector.subject_hours).
+                await _note_hours(conn, first - 1, last)
                 stale = self._catch_up or current != window.generations
                 if keep_back:
                     if last >= first:
@@ -467,7 +463,6 @@ class SQLiteStorage:
         except sqlite3.Error as exc:
             raise StorageError(f"writing {len(batch)} hits failed: {exc}") from exc
         self._generations = current
-        hours[1]()  # the hours rows are in the file now
         if keep_back:
             if stale:  # the sums are void; the ranges are aggregated from the rows later
                 self._window, self._catch_up = None, True
@@ -483,7 +478,7 @@ class SQLiteStorage:
             done()
 
     async def _note_strays_now(self, conn: aiosqlite.Connection) -> None:
-        """At open: the hours of hits another writer stored (``_note_strays``), before
+        """At open: the hours of hits another writer stored (``_note_hours``), before
         anyone looks a subject up through this process. A transaction per
         ``_STRAYS_CHUNK`` ids: a long backlog (an older version that ran for days) must
         not hold the write lock past another process's busy timeout."""
@@ -491,8 +486,7 @@ class SQLiteStorage:
             await conn.execute("BEGIN IMMEDIATE")
             try:
                 top = await _max_id(conn)
-                upto = await _note_strays(conn, top, most=_STRAYS_CHUNK)
-                await conn.execute(SET_NOTED_UP_TO, (upto,))
+                upto = await _note_hours(conn, top, top, most=_STRAYS_CHUNK)
                 await conn.execute("COMMIT")
             except BaseException:
                 await conn.execute("ROLLBACK")
@@ -502,14 +496,9 @@ class SQLiteStorage:
 
     def _prepare(
         self, batch: Batch, window: _Window, keep_back: bool
-    ) -> tuple[
-        list[Statement],
-        tuple[list[Statement], Callable[[], None]],
-        tuple[list[Statement], list[Callable[[], None]]] | None,
-    ]:
+    ) -> tuple[list[Statement], tuple[list[Statement], list[Callable[[], None]]] | None]:
         statements = self._batch_statements(batch, window)
-        hours = self._hours.statements(batch.hits, self._generations[_HOURS])
-        return statements, hours, None if keep_back else window.statements()
+        return statements, None if keep_back else window.statements()
 
     async def _caught_up(
         self, conn: aiosqlite.Connection, generations: dict[str, int], batch: tuple[int, int]
