@@ -20,9 +20,9 @@ invisible to subject access, erasure and blocking. Who notes them:
   A mark of the highest hit id whose hours are noted (``NOTED_UP_TO``) makes the
   statements cover every id above it, so hits stored some other way (an older version's
   writer still running after an upgrade, an operator's INSERT) are noted by the next
-  batch, or by the next process to open the file; deleting the newest hits lowers it
-  (their ids are handed out again). From this version on, a collector refuses a file
-  whose schema is newer than its own.
+  batch, the next process to open the file, or the next lookup here, whichever comes
+  first; deleting the newest hits lowers it (their ids are handed out again). From this
+  version on, a collector refuses a file whose schema is newer than its own.
 - **PostgreSQL**: triggers (migrations 0013 and 0014), on every insert whatever the path
   and whichever node.
 
@@ -34,10 +34,13 @@ addresses that depersonalised hits keep are not looked up by anyone and are not 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from collector.storage.base import Storage, Transaction
+
+logger = logging.getLogger(__name__)
 
 HOUR_MS = 3_600_000
 
@@ -55,6 +58,7 @@ async def ranges(
     """The [lo, hi) ts_ms ranges that hold every hit of the subjects ``values_sql``
     names (``?`` for one value, or a subquery), in time order: runs of consecutive hours
     merged into one range."""
+    await _note_strays(db)
     table, column = _TABLES[kind]
     rows = await db.fetch_all(
         f"SELECT DISTINCT hour FROM {table} WHERE {column} IN ({values_sql}) ORDER BY hour",
@@ -127,4 +131,44 @@ NOTE_RANGE = (
 async def hits_deleted(tx: Transaction) -> None:
     """Call in every transaction that deletes hits, after the deletes (SQLite's mark of
     hours noted; on PostgreSQL there is no mark and nothing happens)."""
-    await tx.execute(_LOWER_NOTED_UP_TO)
+    if await tx.fetch_one(NOTED_UP_TO) is not None:
+        await tx.execute(_LOWER_NOTED_UP_TO)
+
+
+async def _note_strays(db: Storage | Transaction) -> None:
+    """Before a subject is looked up: note the hours of hits above SQLite's mark, which
+    something other than the batch writer stored since its last batch (an older
+    version's writer still running after an upgrade, an operator's INSERT). Usually
+    there are none: two lookups by key. PostgreSQL has no mark (its triggers note)."""
+    if not await _strays(db):
+        return
+    transaction = getattr(db, "transaction", None)  # a Storage; else already in one
+    if transaction is None:
+        await _note_strays_in(cast(Transaction, db))
+    else:
+        async with transaction() as tx:
+            await _note_strays_in(tx)
+
+
+async def _strays(db: Storage | Transaction) -> tuple[int, int] | None:
+    mark = await db.fetch_one(NOTED_UP_TO)
+    if mark is None:
+        return None  # PostgreSQL: no max(id) over every partition
+    top = await db.fetch_one("SELECT coalesce(max(id), 0) AS n FROM hits")
+    if top is None or int(top["n"]) <= int(mark["value"]):
+        return None
+    return int(mark["value"]), int(top["n"])
+
+
+async def _note_strays_in(tx: Transaction) -> None:
+    found = await _strays(tx)  # again, inside the transaction that notes them
+    if found is None:
+        return
+    for sql in NOTE_RANGE:
+        await tx.execute(sql, list(found))
+    await tx.execute(SET_NOTED_UP_TO, [found[1]])
+    logger.warning(
+        "hits %d to %d were stored by another writer: their hours are noted now",
+        found[0] + 1,
+        found[1],
+    )

@@ -162,6 +162,20 @@ async def test_hits_another_writer_stored_are_noted_by_the_next_batch(
     assert (await erase(other, Subject("visitor", "c" * 32), SECRET, [])).hits == 1
 
 
+async def test_hits_another_writer_stored_are_found_by_a_lookup_before_any_batch(
+    writer: SQLiteStorage, other: SQLiteStorage
+) -> None:
+    # An older version's writer still running: a lookup between its insert and our next
+    # batch notes the hours first (erasure in a transaction, the IP lookup without one).
+    await store(writer, [hit(NOW, "a" * 32, "192.0.2.7")])
+    await _insert_raw(other, hit(NOW + 2 * HOUR_MS, "b" * 32, "192.0.2.8"))
+    assert await subject_hours.ranges(writer, "ip", "?", ["192.0.2.8"]) == [
+        ((NOW + 2 * HOUR_MS) // HOUR_MS * HOUR_MS, ((NOW + 2 * HOUR_MS) // HOUR_MS + 1) * HOUR_MS)
+    ]
+    await _insert_raw(other, hit(NOW + 3 * HOUR_MS, "c" * 32, "192.0.2.9"))
+    assert (await erase(other, Subject("visitor", "c" * 32), SECRET, [])).hits == 1
+
+
 async def test_hits_stored_while_the_store_was_closed_are_noted_when_it_opens(
     settings: Settings, writer: SQLiteStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -6,7 +6,7 @@
 -- other), and the mark below catches hits that reach the file some other way (an older
 -- version's writer still running, a downgrade): every batch and every open notes the
 -- hours of all ids above it.
-DROP TRIGGER hits_visitor_hours;
-DROP TRIGGER hits_ip_hours;
+DROP TRIGGER IF EXISTS hits_visitor_hours;
+DROP TRIGGER IF EXISTS hits_ip_hours;
 INSERT OR REPLACE INTO rollup_state (name, value)
     SELECT 'hours_noted', coalesce(max(id), 0) FROM hits;
