@@ -23,11 +23,13 @@ import dataclasses
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.mix import GEOIP, Mix, build_mix
 from collector.config import Settings
-from collector.storage.base import RawHit
+from collector.storage.base import Batch, HitRow, RawHit
+from collector.storage.sqlite import SQLiteStorage
 
 
 async def _run(
@@ -37,8 +39,7 @@ async def _run(
     from collector.enrich import Enricher
     from collector.geo import GeoIP
     from collector.metrics import Metrics
-    from collector.storage.base import AnonHit, Batch
-    from collector.storage.sqlite import SQLiteStorage
+    from collector.storage.base import AnonHit
     from collector.writer import BatchWriter
     from collector.writer_process import BatchCollection
 
@@ -94,14 +95,11 @@ async def _run(
     try:
         # write_batch alone.
         rows = [enricher.row(x) for x in items if isinstance(x, RawHit)]
-        started, cpu = time.perf_counter(), time.process_time()
-        for i in range(0, len(rows), 2000):
-            with per_batch():
-                await storage.write_batch(Batch(hits=rows[i : i + 2000]))
-        results["write_batch rows/s"] = len(rows) / (time.perf_counter() - started)
+        elapsed, cpu = await _timed(storage, rows, 2000, per_batch)
+        results["write_batch rows/s"] = len(rows) / elapsed
         # Rows per CPU second of the whole process (event loop and SQLite thread): the
         # figure to trust when other processes share the machine.
-        results["write_batch rows per CPU s"] = len(rows) / (time.process_time() - cpu)
+        results["write_batch rows per CPU s"] = len(rows) / cpu
         # The same on the realistic mix of ``_visits`` (9 in 10 visitors return, so their
         # hours are mostly noted already), into a fresh file. Above, every hit is a new
         # visitor id: one new visitor_hours row a hit, the worst case for the writer.
@@ -109,11 +107,7 @@ async def _run(
         fresh = SQLiteStorage(_at(settings, work / "returning.db"))
         await fresh.open()
         try:
-            started, cpu = time.perf_counter(), time.process_time()
-            for i in range(0, len(returning), 2000):
-                with per_batch():
-                    await fresh.write_batch(Batch(hits=returning[i : i + 2000]))
-            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+            elapsed, cpu = await _timed(fresh, returning, 2000, per_batch)
         finally:
             await fresh.close()
         results["write_batch rows/s (returning visitors)"] = len(returning) / elapsed
@@ -148,12 +142,7 @@ async def _run(
             agg = SQLiteStorage(settings, aggregators(settings))
             await agg.open()
             try:
-                started, cpu = time.perf_counter(), time.process_time()
-                for i in range(0, len(rows), size):
-                    with per_batch():
-                        await agg.write_batch(Batch(hits=rows[i : i + size]))
-                elapsed = time.perf_counter() - started
-                cpu = time.process_time() - cpu
+                elapsed, cpu = await _timed(agg, rows, size, per_batch)
             finally:
                 await agg.close()
             tag = "" if size == 2000 else f" (batches of {size})"
@@ -164,6 +153,20 @@ async def _run(
         await storage.close()
         geoip.close()
     return results
+
+
+async def _timed(
+    storage: SQLiteStorage,
+    rows: list[HitRow],
+    size: int,
+    per_batch: Callable[[], contextlib.AbstractContextManager[None]],
+) -> tuple[float, float]:
+    """Wall and CPU seconds to write ``rows`` in batches of ``size``."""
+    started, cpu = time.perf_counter(), time.process_time()
+    for i in range(0, len(rows), size):
+        with per_batch():
+            await storage.write_batch(Batch(hits=rows[i : i + size]))
+    return time.perf_counter() - started, time.process_time() - cpu
 
 
 def _at(settings: Settings, path: Path) -> Settings:

@@ -135,40 +135,45 @@ async def hits_deleted(tx: Transaction) -> None:
         await tx.execute(_LOWER_NOTED_UP_TO)
 
 
+async def note_hours(tx: Transaction, ours: int, top: int, most: int | None = None) -> int:
+    """Note the hours of the hits above the mark up to id ``top`` (at most ``most`` of
+    them) and move the mark there; returns it. Ids above ``ours`` are hits this
+    transaction stored, noted even if the mark is above them (a hand-made DELETE of the
+    newest hits does not lower it). Any other id above the mark is a hit that something
+    else stored (an older version's writer still running, an operator's INSERT): logged.
+    SQLite only; a missing mark notes every hit."""
+    mark = await tx.fetch_one(NOTED_UP_TO)
+    low = min(int(mark["value"]) if mark else 0, ours)
+    upto = top if most is None else min(top, low + most)
+    if upto > low:
+        for sql in NOTE_RANGE:
+            await tx.execute(sql, [low, upto])
+        if low < ours:
+            logger.warning(
+                "hits %d to %d were stored by another writer: their hours are noted now",
+                low + 1,
+                min(ours, upto),
+            )
+    await tx.execute(SET_NOTED_UP_TO, [upto])
+    return upto
+
+
 async def _note_strays(db: Storage | Transaction) -> None:
     """Before a subject is looked up: note the hours of hits above SQLite's mark, which
-    something other than the batch writer stored since its last batch (an older
-    version's writer still running after an upgrade, an operator's INSERT). Usually
-    there are none: two lookups by key. PostgreSQL has no mark (its triggers note)."""
-    if not await _strays(db):
+    something other than the batch writer stored since its last batch. Usually there
+    are none: two lookups by key. PostgreSQL has no mark (its triggers note)."""
+    mark = await db.fetch_one(NOTED_UP_TO)
+    if mark is None or await _top(db) <= int(mark["value"]):
         return
     transaction = getattr(db, "transaction", None)  # a Storage; else already in one
     if transaction is None:
-        await _note_strays_in(cast(Transaction, db))
+        tx = cast(Transaction, db)
+        await note_hours(tx, top := await _top(tx), top)
     else:
         async with transaction() as tx:
-            await _note_strays_in(tx)
+            await note_hours(tx, top := await _top(tx), top)
 
 
-async def _strays(db: Storage | Transaction) -> tuple[int, int] | None:
-    mark = await db.fetch_one(NOTED_UP_TO)
-    if mark is None:
-        return None  # PostgreSQL: no max(id) over every partition
-    top = await db.fetch_one("SELECT coalesce(max(id), 0) AS n FROM hits")
-    if top is None or int(top["n"]) <= int(mark["value"]):
-        return None
-    return int(mark["value"]), int(top["n"])
-
-
-async def _note_strays_in(tx: Transaction) -> None:
-    found = await _strays(tx)  # again, inside the transaction that notes them
-    if found is None:
-        return
-    for sql in NOTE_RANGE:
-        await tx.execute(sql, list(found))
-    await tx.execute(SET_NOTED_UP_TO, [found[1]])
-    logger.warning(
-        "hits %d to %d were stored by another writer: their hours are noted now",
-        found[0] + 1,
-        found[1],
-    )
+async def _top(db: Storage | Transaction) -> int:
+    row = await db.fetch_one("SELECT coalesce(max(id), 0) AS n FROM hits")
+    return int(row["n"]) if row else 0

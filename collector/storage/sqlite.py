@@ -33,7 +33,7 @@ from collector.storage.base import (
 )
 from collector.storage.driver import connect, sqlite3
 from collector.storage.migrations import migrations
-from collector.subject_hours import NOTE_RANGE, NOTED_UP_TO, SET_NOTED_UP_TO
+from collector.subject_hours import note_hours
 from collector.visibility import VISIBLE
 
 logger = logging.getLogger(__name__)
@@ -146,33 +146,6 @@ async def _max_id(conn: aiosqlite.Connection) -> int:
     async with conn.execute("SELECT coalesce(max(id), 0) FROM hits") as cur:
         row = await cur.fetchone()
     return int(row[0]) if row else 0
-
-
-async def _note_hours(
-    conn: aiosqlite.Connection, ours: int, top: int, most: int | None = None
-) -> int:
-    """Note the hours of the hits above the noted mark up to id ``top`` (at most ``most``
-    of them), and move the mark there; returns it. Ids above ``ours`` are the hits this
-    transaction stored, noted even if the mark is above them (a hand-made DELETE of the
-    newest hits does not lower it). Any other id above the mark is a hit that something
-    else stored (an older version's writer still running after an upgrade, an operator's
-    INSERT; collector.subject_hours), and is logged."""
-    async with conn.execute(NOTED_UP_TO) as cur:
-        row = await cur.fetchone()
-    noted = int(row[0]) if row else 0
-    low = min(noted, ours)
-    upto = top if most is None else min(top, low + most)
-    if upto > low:
-        for sql in NOTE_RANGE:
-            await conn.execute(sql, (low, upto))
-        if low < ours:
-            logger.warning(
-                "hits %d to %d were stored by another writer: their hours are noted now",
-                low + 1,
-                min(ours, upto),
-            )
-    await conn.execute(SET_NOTED_UP_TO, (upto,))
-    return upto
 
 
 def _union(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -430,7 +403,7 @@ class SQLiteStorage:
                 last = await _max_id(conn)
                 # The hours of these hits, read back from the rows just written, where
                 # the pages still are (collector.subject_hours).
-                await _note_hours(conn, first - 1, last)
+                await note_hours(SQLiteTx(conn), first - 1, last)
                 stale = self._catch_up or current != window.generations
                 if keep_back:
                     if last >= first:
@@ -478,7 +451,7 @@ class SQLiteStorage:
             done()
 
     async def _note_strays_now(self, conn: aiosqlite.Connection) -> None:
-        """At open: the hours of hits another writer stored (``_note_hours``), before
+        """At open: the hours of hits another writer stored (``note_hours``), before
         anyone looks a subject up through this process. A transaction per
         ``_STRAYS_CHUNK`` ids: a long backlog (an older version that ran for days) must
         not hold the write lock past another process's busy timeout."""
@@ -486,7 +459,7 @@ class SQLiteStorage:
             await conn.execute("BEGIN IMMEDIATE")
             try:
                 top = await _max_id(conn)
-                upto = await _note_hours(conn, top, top, most=_STRAYS_CHUNK)
+                upto = await note_hours(SQLiteTx(conn), top, top, most=_STRAYS_CHUNK)
                 await conn.execute("COMMIT")
             except BaseException:
                 await conn.execute("ROLLBACK")
@@ -645,7 +618,10 @@ async def _fetch_all(
 ) -> list[dict[str, Any]]:
     try:
         async with conn.execute(sql, tuple(params)) as cur:
-            return [dict(row) for row in await cur.fetchall()]
+            # Named by the cursor: also on the writer's connection, which reads plain
+            # tuples (its batch statements go through ``SQLiteTx`` too).
+            names = [column[0] for column in cur.description or ()]
+            return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
     except sqlite3.Error as exc:
         raise StorageError(f"query failed: {exc}") from exc
 
