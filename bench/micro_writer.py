@@ -1,14 +1,17 @@
 """Micro-benchmark: rows/s into SQLite through the real write path.
 
-Three figures: ``SQLiteStorage.write_batch`` alone (pre-built rows, one transaction per
-2,000; target 100,000 rows/s; every hit a new visitor id, then again with 9 in 10
-visitors returning as in ``_visits``), the whole ``BatchWriter`` (enrichment of raw hits -- user
-agent, GeoIP, URL sanitising -- plus the anonymous counters and the writes) fed as fast
-as it drains, and ``write_batch`` with the aggregators (rollups and IP statistics) on
-the realistic mix of ``bench/mix.py``: 2,000 consented visitors who keep one user agent
-and address, 9 in 10 returning with their visitor id (target 30,000 hits/s on one core).
+Four figures: ``SQLiteStorage.write_batch`` alone as the writer process stores (pre-built
+rows, one transaction per 2,000; target 100,000 rows/s; every hit a new visitor id, then
+again with 9 in 10 visitors returning as in ``_visits``), the same into a grown store
+(``--grown`` hits of earlier hours already stored, each from a new random visitor id as
+the pixel issues them: the hours tables then outgrow the page cache), the whole
+``BatchWriter`` (enrichment of raw hits -- user agent, GeoIP, URL sanitising -- plus the
+anonymous counters and the writes) fed as fast as it drains, and ``write_batch`` with
+the aggregators (rollups and IP statistics) on the realistic mix of ``bench/mix.py``:
+2,000 consented visitors who keep one user agent and address, 9 in 10 returning with
+their visitor id (target 30,000 hits/s on one core).
 
-    python -m bench.micro_writer [--hits 200000] [--automatic-gc]
+    python -m bench.micro_writer [--hits 200000] [--grown 500000] [--automatic-gc]
 
 Each batch is written as the writer process writes it: with the cyclic collector paused,
 and one collection pass after it.
@@ -21,6 +24,7 @@ import asyncio
 import contextlib
 import dataclasses
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,7 +37,11 @@ from collector.storage.sqlite import SQLiteStorage
 
 
 async def _run(
-    hits: int, work: Path, batch_sizes: tuple[int, ...], automatic_gc: bool = False
+    hits: int,
+    work: Path,
+    batch_sizes: tuple[int, ...],
+    automatic_gc: bool = False,
+    grown: int = 0,
 ) -> dict[str, float]:
     from collector.config import load_settings
     from collector.enrich import Enricher
@@ -86,7 +94,9 @@ async def _run(
             items.append(AnonHit(now + i, rnd.choice(pages), "absent"))
     consented = sum(isinstance(x, RawHit) for x in items)
 
-    storage = SQLiteStorage(settings)
+    # The writer process's storage: the file's one writer (``sole_writer``), which notes
+    # the hours tables of subject lookups in bulk (storage.sqlite ``_NOTE_HITS``).
+    storage = SQLiteStorage(settings, sole_writer=True)
     await storage.open()
     geoip = GeoIP(settings.geoip)
     geoip.open()
@@ -104,7 +114,7 @@ async def _run(
         # hours are mostly noted already), into a fresh file. Above, every hit is a new
         # visitor id: one new visitor_hours row a hit, the worst case for the writer.
         returning = [enricher.row(x) for x in _visits(mix, len(rows), now)]
-        fresh = SQLiteStorage(_at(settings, work / "returning.db"))
+        fresh = SQLiteStorage(_at(settings, work / "returning.db"), sole_writer=True)
         await fresh.open()
         try:
             elapsed, cpu = await _timed(fresh, returning, 2000, per_batch)
@@ -112,6 +122,25 @@ async def _run(
             await fresh.close()
         results["write_batch rows/s (returning visitors)"] = len(returning) / elapsed
         results["write_batch rows per CPU s (returning visitors)"] = len(returning) / cpu
+
+        if grown:
+            # A store that has run a while: ``grown`` hits in the hours before, each from a
+            # new visitor with a random id. Each figure writes into its own copy of it.
+            seed = await _grown_store(_at(settings, work / "grown.db"), rows, grown, now)
+            new_visitors = _new_visitors(rows, random.Random(5))
+            for name, part in (("every hit a new visitor", new_visitors), ("returning", returning)):
+                copy = work / "grown-copy.db"
+                shutil.copyfile(seed, copy)
+                into = SQLiteStorage(_at(settings, copy), sole_writer=True)
+                await into.open()
+                try:
+                    elapsed, cpu = await _timed(into, part, 2000, per_batch)
+                finally:
+                    await into.close()
+                copy.unlink()
+                tag = f"(grown store of {grown:,} hits, {name})"
+                results[f"write_batch rows/s {tag}"] = len(part) / elapsed
+                results[f"write_batch rows per CPU s {tag}"] = len(part) / cpu
 
         # The whole writer, enrichment included (caches warm from the pass above: the
         # UA list and page set repeat in traffic, as they do on the store).
@@ -169,6 +198,35 @@ async def _timed(
     return time.perf_counter() - started, time.process_time() - cpu
 
 
+async def _grown_store(settings: Settings, rows: list[HitRow], hits: int, now: int) -> Path:
+    """A closed store holding ``hits`` hits of the hours before ``now``: ``rows``
+    again, each with a new random visitor id (and session), ~18,000 hits a second."""
+    storage = SQLiteStorage(settings, sole_writer=True)
+    await storage.open()
+    try:
+        start, rnd = now - hits // 18 - 3_600_000, random.Random(3)
+        for first in range(0, hits, 8000):
+            part = [
+                rows[i % len(rows)]._replace(ts_ms=start + i // 18)
+                for i in range(first, min(hits, first + 8000))
+            ]
+            await storage.write_batch(Batch(hits=_new_visitors(part, rnd)))
+    finally:
+        await storage.close()
+    return Path(settings.storage.path)
+
+
+def _new_visitors(rows: list[HitRow], rnd: random.Random) -> list[HitRow]:
+    """``rows``, each from a new browser: random visitor and session ids, as the pixel
+    issues them (``pixel._IdSource``)."""
+    return [
+        row._replace(
+            visitor_id=f"{rnd.getrandbits(128):032x}", session_id=f"{rnd.getrandbits(128):032x}"
+        )
+        for row in rows
+    ]
+
+
 def _at(settings: Settings, path: Path) -> Settings:
     return dataclasses.replace(
         settings, storage=dataclasses.replace(settings.storage, path=str(path))
@@ -221,6 +279,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "--batch-sizes", default="2000,8000", help="write-path batch sizes, comma-separated"
     )
     ap.add_argument(
+        "--grown",
+        type=int,
+        default=500_000,
+        help="hits already stored for the grown-store figures (0: skip them)",
+    )
+    ap.add_argument(
         "--automatic-gc",
         action="store_true",
         help="leave the cyclic GC automatic during each batch (the writer process pauses it)",
@@ -228,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = ap.parse_args(argv)
     sizes = tuple(int(x) for x in args.batch_sizes.split(","))
     with tempfile.TemporaryDirectory(prefix="collector-micro-") as tmp:
-        results = asyncio.run(_run(args.hits, Path(tmp), sizes, args.automatic_gc))
+        results = asyncio.run(_run(args.hits, Path(tmp), sizes, args.automatic_gc, args.grown))
     width = max(map(len, results))
     print(f"\n{'writer, ' + str(args.hits) + ' hits':{width}}  per second")
     for name, value in results.items():

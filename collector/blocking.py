@@ -199,7 +199,9 @@ def _like_prefix(net: Network) -> str:
 
 async def _add_members(tx: Transaction, block_id: int, net: Network) -> int:
     """Record the stored addresses inside ``net`` for VISIBLE; the number added."""
-    # ip_hours holds every address with hits (hits has no IP index), a row per hour.
+    # ip_hours holds every address with hits (hits has no IP index), a row per hour,
+    # once the hits above the mark are noted.
+    await subject_hours.catch_up(tx)
     found = await tx.fetch_all(
         "SELECT DISTINCT ip FROM ip_hours WHERE ip LIKE ?", [_like_prefix(net)]
     )

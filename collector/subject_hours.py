@@ -58,7 +58,7 @@ async def ranges(
     """The [lo, hi) ts_ms ranges that hold every hit of the subjects ``values_sql``
     names (``?`` for one value, or a subquery), in time order: runs of consecutive hours
     merged into one range."""
-    await _note_strays(db)
+    await catch_up(db)
     table, column = _TABLES[kind]
     rows = await db.fetch_all(
         f"SELECT DISTINCT hour FROM {table} WHERE {column} IN ({values_sql}) ORDER BY hour",
@@ -111,6 +111,16 @@ SET_NOTED_UP_TO = (
     "INSERT INTO rollup_state (name, value) VALUES ('hours_noted', ?) "
     "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
 )
+# The writer process notes in bulk (``note_hours``, ``_NOTE_HITS`` in storage.sqlite): the
+# first id of its hits not noted yet, set by the batch that starts the wait. Ids below the
+# mark may be its own when something deleted the newest hits without lowering the mark
+# (a hand-made DELETE): a lookup notes from here too, as the writer would.
+PENDING_FROM = "SELECT value FROM rollup_state WHERE name = 'hours_pending_from'"
+SET_PENDING_FROM = (
+    "INSERT OR IGNORE INTO rollup_state (name, value) VALUES ('hours_pending_from', ?)"
+)
+_MOVE_PENDING_FROM = "UPDATE rollup_state SET value = ? WHERE name = 'hours_pending_from'"
+_CLEAR_PENDING_FROM = "DELETE FROM rollup_state WHERE name = 'hours_pending_from'"
 # Hit ids are reused once the newest hits are deleted (no AUTOINCREMENT), so every
 # transaction of ours that deletes hits lowers the mark to what is left
 # (``hits_deleted``); otherwise a hit stored elsewhere under a reused id would pass
@@ -119,12 +129,16 @@ _LOWER_NOTED_UP_TO = (
     "UPDATE rollup_state SET value = (SELECT coalesce(max(id), 0) FROM hits) "
     "WHERE name = 'hours_noted' AND value > (SELECT coalesce(max(id), 0) FROM hits)"
 )
-# The hours of the hits with ids in (after, up to]: parameters (after id, up to id).
+# The hours of the hits with ids in (after, up to]: parameters (after id, up to id). Each
+# pair once, in key order: a writer that notes tens of thousands of hits at a time
+# (``SQLiteStorage``, ``_NOTE_HITS``) then visits each page of the tables' B-trees once,
+# where one hit after another would take each new visitor to a random page.
 NOTE_RANGE = (
-    "INSERT OR IGNORE INTO visitor_hours (visitor_id, hour) SELECT visitor_id, ts_ms / 3600000 "
-    "FROM hits WHERE id > ? AND id <= ? AND visitor_id <> ''",
-    "INSERT OR IGNORE INTO ip_hours (ip, hour) SELECT ip, ts_ms / 3600000 "
-    "FROM hits WHERE id > ? AND id <= ?",
+    "INSERT OR IGNORE INTO visitor_hours (visitor_id, hour) "
+    "SELECT DISTINCT visitor_id, ts_ms / 3600000 FROM hits "
+    "WHERE id > ? AND id <= ? AND visitor_id <> '' ORDER BY 1, 2",
+    "INSERT OR IGNORE INTO ip_hours (ip, hour) "
+    "SELECT DISTINCT ip, ts_ms / 3600000 FROM hits WHERE id > ? AND id <= ? ORDER BY 1, 2",
 )
 
 
@@ -135,43 +149,73 @@ async def hits_deleted(tx: Transaction) -> None:
         await tx.execute(_LOWER_NOTED_UP_TO)
 
 
-async def note_hours(tx: Transaction, ours: int, top: int, most: int | None = None) -> int:
+async def note_hours(
+    tx: Transaction,
+    top: int,
+    own: Sequence[tuple[int, int]] | None = None,
+    most: int | None = None,
+) -> int:
     """Note the hours of the hits above the mark up to id ``top`` (at most ``most`` of
-    them) and move the mark there; returns it. Ids above ``ours`` are hits this
-    transaction stored, noted even if the mark is above them (a hand-made DELETE of the
-    newest hits does not lower it). Any other id above the mark is a hit that something
-    else stored (an older version's writer still running, an operator's INSERT): logged.
-    SQLite only; a missing mark notes every hit."""
+    them) and move the mark there; returns it. SQLite only; a missing mark notes every hit.
+
+    ``own``: the id ranges, in order, that the calling writer stored since it last noted,
+    noted even if the mark is above them (a hand-made DELETE of the newest hits does not
+    lower it). Any other id above the mark is a hit that something else stored (an older
+    version's writer still running, an operator's INSERT): logged as a warning. Without
+    ``own`` (a lookup, an open) the caller cannot tell whose the hits are."""
     mark = await tx.fetch_one(NOTED_UP_TO)
-    low = min(int(mark["value"]) if mark else 0, ours)
+    pending = await tx.fetch_one(PENDING_FROM)
+    low = int(mark["value"]) if mark else 0
+    for first in ([own[0][0]] if own else []) + ([int(pending["value"])] if pending else []):
+        low = min(low, first - 1)
     upto = top if most is None else min(top, low + most)
     if upto > low:
         for sql in NOTE_RANGE:
             await tx.execute(sql, [low, upto])
-        if low < ours:
+        if own is None:
+            logger.info("noted the hours of hits %d to %d", low + 1, upto)
+        elif foreign := _gaps(low, upto, own):
             logger.warning(
-                "hits %d to %d were stored by another writer: their hours are noted now",
-                low + 1,
-                min(ours, upto),
+                "hits %s were stored by another writer: their hours are noted now",
+                ", ".join(f"{a} to {b}" if b > a else str(a) for a, b in foreign),
             )
     await tx.execute(SET_NOTED_UP_TO, [upto])
+    if pending:
+        if upto < top:
+            await tx.execute(_MOVE_PENDING_FROM, [upto + 1])
+        else:
+            await tx.execute(_CLEAR_PENDING_FROM)
     return upto
 
 
-async def _note_strays(db: Storage | Transaction) -> None:
-    """Before a subject is looked up: note the hours of hits above SQLite's mark, which
-    something other than the batch writer stored since its last batch. Usually there
-    are none: two lookups by key. PostgreSQL has no mark (its triggers note)."""
+def _gaps(low: int, upto: int, own: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The ids in (low, upto] outside the ranges ``own`` (in order)."""
+    out, at = [], low + 1
+    for first, last in own:
+        if first > at:
+            out.append((at, min(first - 1, upto)))
+        at = max(at, last + 1)
+    if at <= upto:
+        out.append((at, upto))
+    return [(a, b) for a, b in out if a <= b]
+
+
+async def catch_up(db: Storage | Transaction) -> None:
+    """Note the hours of hits above SQLite's mark, before anything reads the hours tables:
+    the writer process notes its own in bulk, every ``_NOTE_HITS`` hits (storage.sqlite),
+    and something other than the batch writer may have stored some since. Two lookups by
+    key when there are none. PostgreSQL has no mark (its triggers note)."""
     mark = await db.fetch_one(NOTED_UP_TO)
-    if mark is None or await _top(db) <= int(mark["value"]):
+    if mark is None:
+        return
+    if await _top(db) <= int(mark["value"]) and await db.fetch_one(PENDING_FROM) is None:
         return
     transaction = getattr(db, "transaction", None)  # a Storage; else already in one
     if transaction is None:
-        tx = cast(Transaction, db)
-        await note_hours(tx, top := await _top(tx), top)
+        await note_hours(cast(Transaction, db), await _top(db))
     else:
         async with transaction() as tx:
-            await note_hours(tx, top := await _top(tx), top)
+            await note_hours(tx, await _top(tx))
 
 
 async def _top(db: Storage | Transaction) -> int:

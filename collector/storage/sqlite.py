@@ -33,7 +33,7 @@ from collector.storage.base import (
 )
 from collector.storage.driver import connect, sqlite3
 from collector.storage.migrations import migrations
-from collector.subject_hours import note_hours
+from collector.subject_hours import SET_PENDING_FROM, note_hours
 from collector.visibility import VISIBLE
 
 logger = logging.getLogger(__name__)
@@ -102,6 +102,15 @@ def hit_inserts(hits: Sequence[HitRow]) -> list[Statement]:
 
 
 _STRAYS_CHUNK = 100_000  # ids of hits stored elsewhere noted per transaction at open
+# The writer process notes the hours of its hits (collector.subject_hours) once this many
+# are stored, or at the first batch after _NOTE_AGE_S, in one statement per table over all
+# of them: a new visitor's pair goes to a random page of visitor_hours, and one batch at
+# a time each of them dirtied a page of its own. With 640,000 hits stored, noting 32
+# batches at once took a batch of new visitors from 30 to 13 us of CPU a hit
+# (docs/PERFORMANCE.md, session 12). Until then the hits are found all the same: every
+# lookup notes the hits above the mark first (``subject_hours.catch_up``).
+_NOTE_HITS = 65_536
+_NOTE_AGE_S = 30.0
 _IDLE_S = 0.5  # a window nothing follows for this long ends on its own
 # The most hits a window sums: what 4 batches of 8,000 held before windows could last 2 s
 # and 8 batches. Its dicts, and the rows a catch-up re-reads, grow with it (RSS budget).
@@ -198,6 +207,10 @@ class SQLiteStorage:
         self._catch_up = False
         self._batch_lock = asyncio.Lock()
         self._idle: asyncio.TimerHandle | None = None
+        # The id ranges of our hits whose hours are not noted yet, and since when (the
+        # writer process only: ``_NOTE_HITS``).
+        self._unnoted: list[tuple[int, int]] = []
+        self._unnoted_since = 0.0
         self._idle_tasks: set[asyncio.Task[None]] = set()
 
     async def _connect(self, *, readonly: bool) -> aiosqlite.Connection:
@@ -304,6 +317,7 @@ class SQLiteStorage:
                     await self._write_batch(Batch())  # the window's aggregates, before we go
                 except StorageError as exc:
                     logger.error("aggregates left for the next start to catch up: %s", exc.detail)
+            await self._note_unnoted()
             for attr in ("_read", "_admin", "_write"):
                 conn = getattr(self, attr)
                 setattr(self, attr, None)
@@ -401,9 +415,12 @@ class SQLiteStorage:
                 for sql, params in statements:
                     await conn.executemany(sql, params)
                 last = await _max_id(conn)
-                # The hours of these hits, read back from the rows just written, where
-                # the pages still are (collector.subject_hours).
-                await note_hours(SQLiteTx(conn), first - 1, last)
+                unnoted = [*self._unnoted, (first, last)] if last >= first else self._unnoted
+                noting = self._hours_due(unnoted)
+                if noting:  # read back from the rows just written (collector.subject_hours)
+                    await note_hours(SQLiteTx(conn), last, unnoted)
+                elif last >= first:  # lookups note from there meanwhile (kept if set)
+                    await conn.execute(SET_PENDING_FROM, (first,))
                 stale = self._catch_up or current != window.generations
                 if keep_back:
                     if last >= first:
@@ -436,6 +453,9 @@ class SQLiteStorage:
         except sqlite3.Error as exc:
             raise StorageError(f"writing {len(batch)} hits failed: {exc}") from exc
         self._generations = current
+        if noting or not self._unnoted:
+            self._unnoted_since = time.monotonic()
+        self._unnoted = [] if noting else _union(unnoted)
         if keep_back:
             if stale:  # the sums are void; the ranges are aggregated from the rows later
                 self._window, self._catch_up = None, True
@@ -450,6 +470,34 @@ class SQLiteStorage:
         for done in ended[1]:
             done()
 
+    def _hours_due(self, unnoted: list[tuple[int, int]]) -> bool:
+        """Whether this batch notes the hours: every batch, but in the writer process
+        only once ``_NOTE_HITS`` hits or ``_NOTE_AGE_S`` seconds are waiting."""
+        if not self._sole:
+            return True
+        waiting = sum(last - first + 1 for first, last in unnoted)
+        return waiting >= _NOTE_HITS or (
+            bool(self._unnoted) and time.monotonic() - self._unnoted_since >= _NOTE_AGE_S
+        )
+
+    async def _note_unnoted(self) -> None:
+        """At close: the hours of our hits not noted yet, so the next open finds none."""
+        if not self._unnoted or self._write is None:
+            return
+        conn = self._write
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                await note_hours(SQLiteTx(conn), await _max_id(conn), self._unnoted)
+                await conn.execute("COMMIT")
+            except BaseException:
+                await conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:  # the next open or lookup notes them
+            logger.error("noting the hours of stored hits at close failed: %s", exc)
+            return
+        self._unnoted = []
+
     async def _note_strays_now(self, conn: aiosqlite.Connection) -> None:
         """At open: the hours of hits another writer stored (``note_hours``), before
         anyone looks a subject up through this process. A transaction per
@@ -459,7 +507,7 @@ class SQLiteStorage:
             await conn.execute("BEGIN IMMEDIATE")
             try:
                 top = await _max_id(conn)
-                upto = await note_hours(SQLiteTx(conn), top, top, most=_STRAYS_CHUNK)
+                upto = await note_hours(SQLiteTx(conn), top, most=_STRAYS_CHUNK)
                 await conn.execute("COMMIT")
             except BaseException:
                 await conn.execute("ROLLBACK")
