@@ -27,12 +27,12 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench.mix import GEOIP, Mix, build_mix
 from collector.config import Settings
-from collector.storage.base import Batch, HitRow, RawHit
+from collector.storage.base import Aggregator, Batch, HitRow, RawHit
 from collector.storage.sqlite import SQLiteStorage
 
 
@@ -105,7 +105,7 @@ async def _run(
     try:
         # write_batch alone.
         rows = [enricher.row(x) for x in items if isinstance(x, RawHit)]
-        elapsed, cpu = await _timed(storage, rows, 2000, per_batch)
+        elapsed, cpu = await _timed(_at(settings, work / "alone.db"), rows, 2000, per_batch)
         results["write_batch rows/s"] = len(rows) / elapsed
         # Rows per CPU second of the whole process (event loop and SQLite thread): the
         # figure to trust when other processes share the machine.
@@ -114,12 +114,9 @@ async def _run(
         # hours are mostly noted already), into a fresh file. Above, every hit is a new
         # visitor id: one new visitor_hours row a hit, the worst case for the writer.
         returning = [enricher.row(x) for x in _visits(mix, len(rows), now)]
-        fresh = SQLiteStorage(_at(settings, work / "returning.db"), sole_writer=True)
-        await fresh.open()
-        try:
-            elapsed, cpu = await _timed(fresh, returning, 2000, per_batch)
-        finally:
-            await fresh.close()
+        elapsed, cpu = await _timed(
+            _at(settings, work / "returning.db"), returning, 2000, per_batch
+        )
         results["write_batch rows/s (returning visitors)"] = len(returning) / elapsed
         results["write_batch rows per CPU s (returning visitors)"] = len(returning) / cpu
 
@@ -131,12 +128,7 @@ async def _run(
             for name, part in (("every hit a new visitor", new_visitors), ("returning", returning)):
                 copy = work / "grown-copy.db"
                 shutil.copyfile(seed, copy)
-                into = SQLiteStorage(_at(settings, copy), sole_writer=True)
-                await into.open()
-                try:
-                    elapsed, cpu = await _timed(into, part, 2000, per_batch)
-                finally:
-                    await into.close()
+                elapsed, cpu = await _timed(_at(settings, copy), part, 2000, per_batch)
                 copy.unlink()
                 tag = f"(grown store of {grown:,} hits, {name})"
                 results[f"write_batch rows/s {tag}"] = len(part) / elapsed
@@ -168,12 +160,9 @@ async def _run(
         rows = [enricher.row(x) for x in _visits(mix, consented, now)]
         for size in batch_sizes:
             settings = _at(settings, work / f"agg-{size}.db")
-            agg = SQLiteStorage(settings, aggregators(settings))
-            await agg.open()
-            try:
-                elapsed, cpu = await _timed(agg, rows, size, per_batch)
-            finally:
-                await agg.close()
+            elapsed, cpu = await _timed(
+                settings, rows, size, per_batch, aggregators(settings), sole=False
+            )
             tag = "" if size == 2000 else f" (batches of {size})"
             results[f"write path (rollups + IP statistics) hits/s{tag}"] = len(rows) / elapsed
             results[f"write path hits per CPU s{tag}"] = len(rows) / cpu
@@ -185,16 +174,27 @@ async def _run(
 
 
 async def _timed(
-    storage: SQLiteStorage,
+    settings: Settings,
     rows: list[HitRow],
     size: int,
     per_batch: Callable[[], contextlib.AbstractContextManager[None]],
+    aggregators: Sequence[Aggregator] = (),
+    *,
+    sole: bool = True,
 ) -> tuple[float, float]:
-    """Wall and CPU seconds to write ``rows`` in batches of ``size``."""
-    started, cpu = time.perf_counter(), time.process_time()
-    for i in range(0, len(rows), size):
-        with per_batch():
-            await storage.write_batch(Batch(hits=rows[i : i + size]))
+    """Wall and CPU seconds to write ``rows`` in batches of ``size`` into the store at
+    ``settings``, as the writer process's storage (``sole``) or another's, and close it:
+    what a store leaves to its close (the last window's aggregates, the hours of hits
+    still waiting to be noted) counts too."""
+    storage = SQLiteStorage(settings, aggregators, sole_writer=sole)
+    await storage.open()
+    try:
+        started, cpu = time.perf_counter(), time.process_time()
+        for i in range(0, len(rows), size):
+            with per_batch():
+                await storage.write_batch(Batch(hits=rows[i : i + size]))
+    finally:
+        await storage.close()
     return time.perf_counter() - started, time.process_time() - cpu
 
 

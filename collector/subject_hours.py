@@ -12,17 +12,21 @@ So ``visitor_hours`` and ``ip_hours`` keep one row per (visitor id or IP, hour) 
 They are what make erasure complete: a hit whose hours these tables do not point to is
 invisible to subject access, erasure and blocking. Who notes them:
 
-- **SQLite**: the batch writer, in the transaction that inserts the hits
-  (``SQLiteStorage.write_batch``), with one ``INSERT OR IGNORE ... SELECT`` per table
-  over the ids it just wrote, read back from pages still in the cache. Migrations 0013
-  and 0014 had triggers do it; 0016 dropped them: a trigger's program ran for every hit,
-  and the two statements cost ~1.4-1.6 µs of the writer's CPU a hit less (session 11).
-  A mark of the highest hit id whose hours are noted (``NOTED_UP_TO``) makes the
-  statements cover every id above it, so hits stored some other way (an older version's
-  writer still running after an upgrade, an operator's INSERT) are noted by the next
-  batch, the next process to open the file, or the next lookup here, whichever comes
-  first; deleting the newest hits lowers it (their ids are handed out again). From this
-  version on, a collector refuses a file whose schema is newer than its own.
+- **SQLite**: the batch writer, with one ``INSERT OR IGNORE ... SELECT`` per table over
+  ids it wrote (``SQLiteStorage.write_batch``). Migrations 0013 and 0014 had triggers do
+  it; 0016 dropped them: a trigger's program ran for every hit, and the two statements
+  cost ~1.4-1.6 µs of the writer's CPU a hit less (session 11). A mark of the highest
+  hit id whose hours are noted (``NOTED_UP_TO``) makes the statements cover every id
+  above it, so hits stored some other way (an older version's writer still running
+  after an upgrade, an operator's INSERT) are noted too; deleting the newest hits lowers
+  it (their ids are handed out again). From this version on, a collector refuses a file
+  whose schema is newer than its own.
+  A writer that shares the file notes in each batch's transaction. The writer process,
+  the file's one writer under ``collector serve``, lets 65,536 hits or 30 s of them wait
+  and notes them in one pass, each page of the tables once: one batch at a time, a new
+  visitor's pair took a random page each (session 12). So whatever reads the tables
+  first notes every hit above the mark (``catch_up``): every lookup here, a network
+  block's members, and every process that opens the file.
 - **PostgreSQL**: triggers (migrations 0013 and 0014), on every insert whatever the path
   and whichever node.
 
@@ -102,24 +106,24 @@ async def purge(db: Storage | Transaction, cutoff_ms: int) -> int:
     return deleted
 
 
-# SQLite: the highest hit id whose hours are noted. The writer notes the hours of every id
-# above it in each batch's transaction, its own hits and any that something else stored
-# (an older version's writer still running after an upgrade, an operator's INSERT), and
-# moves it; so does every process that opens the file (``SQLiteStorage``).
+# SQLite: the highest hit id whose hours are noted. Whoever notes (the writer, a lookup's
+# ``catch_up``, a process opening the file) notes every id above it, whoever stored them,
+# and moves it.
 NOTED_UP_TO = "SELECT value FROM rollup_state WHERE name = 'hours_noted'"
 SET_NOTED_UP_TO = (
     "INSERT INTO rollup_state (name, value) VALUES ('hours_noted', ?) "
     "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
 )
-# The writer process notes in bulk (``note_hours``, ``_NOTE_HITS`` in storage.sqlite): the
-# first id of its hits not noted yet, set by the batch that starts the wait. Ids below the
-# mark may be its own when something deleted the newest hits without lowering the mark
-# (a hand-made DELETE): a lookup notes from here too, as the writer would.
+# The first id of the writer process's hits that wait to be noted (``_NOTE_HITS`` in
+# storage.sqlite), or lower: every batch that leaves its hits waiting lowers it to its
+# first id if need be, and noting deletes it. Its ids may lie below the mark when
+# something deleted the newest hits without lowering it (a hand-made DELETE); noting
+# starts below both. Ids above the mark and below it come from another writer.
 PENDING_FROM = "SELECT value FROM rollup_state WHERE name = 'hours_pending_from'"
 SET_PENDING_FROM = (
-    "INSERT OR IGNORE INTO rollup_state (name, value) VALUES ('hours_pending_from', ?)"
+    "INSERT INTO rollup_state (name, value) VALUES ('hours_pending_from', ?) "
+    "ON CONFLICT (name) DO UPDATE SET value = min(value, excluded.value)"
 )
-_MOVE_PENDING_FROM = "UPDATE rollup_state SET value = ? WHERE name = 'hours_pending_from'"
 _CLEAR_PENDING_FROM = "DELETE FROM rollup_state WHERE name = 'hours_pending_from'"
 # Hit ids are reused once the newest hits are deleted (no AUTOINCREMENT), so every
 # transaction of ours that deletes hits lowers the mark to what is left
@@ -160,31 +164,29 @@ async def note_hours(
 
     ``own``: the id ranges, in order, that the calling writer stored since it last noted,
     noted even if the mark is above them (a hand-made DELETE of the newest hits does not
-    lower it). Any other id above the mark is a hit that something else stored (an older
-    version's writer still running, an operator's INSERT): logged as a warning. Without
-    ``own`` (a lookup, an open) the caller cannot tell whose the hits are."""
+    lower it). Without ``own`` (a lookup, an open), the ids from ``PENDING_FROM`` on count
+    as the writer process's. Any other id is a hit that something else stored (an older
+    version's writer still running, an operator's INSERT): a warning names them."""
     mark = await tx.fetch_one(NOTED_UP_TO)
     pending = await tx.fetch_one(PENDING_FROM)
+    waiting = int(pending["value"]) if pending else None
     low = int(mark["value"]) if mark else 0
-    for first in ([own[0][0]] if own else []) + ([int(pending["value"])] if pending else []):
+    for first in ([own[0][0]] if own else []) + ([waiting] if waiting else []):
         low = min(low, first - 1)
     upto = top if most is None else min(top, low + most)
     if upto > low:
         for sql in NOTE_RANGE:
             await tx.execute(sql, [low, upto])
         if own is None:
-            logger.info("noted the hours of hits %d to %d", low + 1, upto)
-        elif foreign := _gaps(low, upto, own):
+            own = [(waiting, upto)] if waiting else []
+        if foreign := _gaps(low, upto, own):
             logger.warning(
                 "hits %s were stored by another writer: their hours are noted now",
                 ", ".join(f"{a} to {b}" if b > a else str(a) for a, b in foreign),
             )
     await tx.execute(SET_NOTED_UP_TO, [upto])
-    if pending:
-        if upto < top:
-            await tx.execute(_MOVE_PENDING_FROM, [upto + 1])
-        else:
-            await tx.execute(_CLEAR_PENDING_FROM)
+    if pending:  # every id up to the mark is noted now, the rest lie above it
+        await tx.execute(_CLEAR_PENDING_FROM)
     return upto
 
 
@@ -203,8 +205,8 @@ def _gaps(low: int, upto: int, own: Sequence[tuple[int, int]]) -> list[tuple[int
 async def catch_up(db: Storage | Transaction) -> None:
     """Note the hours of hits above SQLite's mark, before anything reads the hours tables:
     the writer process notes its own in bulk, every ``_NOTE_HITS`` hits (storage.sqlite),
-    and something other than the batch writer may have stored some since. Two lookups by
-    key when there are none. PostgreSQL has no mark (its triggers note)."""
+    and something other than the batch writer may have stored some since. Three lookups
+    by key when there are none. PostgreSQL has no mark (its triggers note)."""
     mark = await db.fetch_one(NOTED_UP_TO)
     if mark is None:
         return

@@ -197,7 +197,7 @@ async def test_hits_another_writer_stored_are_noted_by_the_next_batch(
 
 
 async def test_hits_another_writer_stored_are_found_by_a_lookup_before_any_batch(
-    writer: SQLiteStorage, sole: bool, other: SQLiteStorage
+    writer: SQLiteStorage, sole: bool, other: SQLiteStorage, caplog: pytest.LogCaptureFixture
 ) -> None:
     # An older version's writer still running: a lookup between its insert and our next
     # batch notes the hours first (erasure in a transaction, the IP lookup without one).
@@ -208,6 +208,7 @@ async def test_hits_another_writer_stored_are_found_by_a_lookup_before_any_batch
     ]
     await _insert_raw(other, hit(NOW + 3 * HOUR_MS, "c" * 32, "192.0.2.9"))
     assert (await erase(other, Subject("visitor", "c" * 32), SECRET, [])).hits == 1
+    assert "hits 3 were stored by another writer" in caplog.text
 
 
 async def test_hits_stored_while_the_store_was_closed_are_noted_when_it_opens(
@@ -286,17 +287,20 @@ async def test_the_writer_process_notes_hours_once_enough_hits_wait(
 
 
 async def test_hits_waiting_for_their_hours_are_found_by_every_lookup(
-    bulk_writer: SQLiteStorage, other: SQLiteStorage
+    bulk_writer: SQLiteStorage, other: SQLiteStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Erasure in another process, the IP lookup, a network block: each notes first.
+    monkeypatch.setattr(sqlite_storage, "_NOTE_HITS", 100)
     await store(bulk_writer, [*pair(1), hit(NOW, "a" * 32, "203.0.113.5")])
     assert await noted(bulk_writer) == (set(), set())
     assert (await erase(other, Subject("visitor", f"{1:032x}"), SECRET, [])).hits == 1
     await store(bulk_writer, pair(2))
+    assert ("192.0.2.2", NOW // HOUR_MS) not in (await noted(bulk_writer))[1]
     assert await subject_hours.ranges(other, "ip", "?", ["192.0.2.2"]) == [
         (NOW // HOUR_MS * HOUR_MS, (NOW // HOUR_MS + 1) * HOUR_MS)
     ]
     await store(bulk_writer, [hit(NOW + 9, "b" * 32, "203.0.113.9")])
+    assert ("203.0.113.9", NOW // HOUR_MS) not in (await noted(bulk_writer))[1]
     target = Target.parse(network="203.0.113.0/24")
     block = await blocking.add(other, target, "fraud check", "dpo", [])
     members = await other.fetch_all(
@@ -315,19 +319,30 @@ async def test_the_writer_process_notes_what_waits_when_its_first_batch_is_old_e
 
 
 async def test_the_writer_process_notes_what_waits_when_it_closes(
-    bulk_writer: SQLiteStorage, settings: Settings, caplog: pytest.LogCaptureFixture
+    bulk_writer: SQLiteStorage, settings: Settings
 ) -> None:
     await store(bulk_writer, pair(1))
+    assert await noted(bulk_writer) == (set(), set())
     await bulk_writer.close()
-    again = SQLiteStorage(settings)
-    await again.open()
-    try:
-        assert await noted(again) == await truth(again) != (set(), set())
-        assert await mark(again) == 2
-        assert await again.fetch_one(subject_hours.PENDING_FROM) is None
-    finally:
-        await again.close()
-    assert "noted the hours" not in caplog.text  # nothing was left for the open to note
+    with contextlib.closing(connect(bulk_writer.path)) as conn:
+        visitors = conn.execute("SELECT visitor_id, hour FROM visitor_hours").fetchall()
+        assert visitors == [(f"{1:032x}", NOW // HOUR_MS)]
+        assert conn.execute(subject_hours.NOTED_UP_TO).fetchall() == [(2,)]
+        assert conn.execute(subject_hours.PENDING_FROM).fetchall() == []
+
+
+async def test_waiting_hits_under_ids_a_hand_made_delete_freed_are_found(
+    bulk_writer: SQLiteStorage, other: SQLiteStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The newest hits deleted by hand, below the mark a lookup left and the first id that
+    # was waiting: the next batch's hits get ids below both, and lookups still find them.
+    monkeypatch.setattr(sqlite_storage, "_NOTE_HITS", 100)
+    await store(bulk_writer, pair(1))
+    await subject_hours.catch_up(other)  # mark 2
+    await store(bulk_writer, pair(3))  # ids 3 and 4 wait
+    await other.execute("DELETE FROM hits WHERE id > 1")
+    await store(bulk_writer, [hit(NOW + 7, "c" * 32, "192.0.2.77")])  # id 2 again
+    assert (await erase(other, Subject("visitor", "c" * 32), SECRET, [])).hits == 1
 
 
 async def _insert_raw(storage: SQLiteStorage, row: HitRow, *, closed: bool = False) -> None:

@@ -493,7 +493,7 @@ class SQLiteStorage:
             except BaseException:
                 await conn.execute("ROLLBACK")
                 raise
-        except sqlite3.Error as exc:  # the next open or lookup notes them
+        except (sqlite3.Error, StorageError) as exc:  # the next open or lookup notes them
             logger.error("noting the hours of stored hits at close failed: %s", exc)
             return
         self._unnoted = []
