@@ -80,6 +80,25 @@ async def test_sqlite_file_is_private_and_in_wal_mode(sqlite_settings: Settings)
     db = Path(sqlite_settings.storage.path)
     assert stat.S_IMODE(db.stat().st_mode) == 0o600
     assert rows(db, "PRAGMA journal_mode")[0][0] == "wal"
+    assert rows(db, "PRAGMA page_size")[0][0] == 16_384
+
+
+async def test_a_file_made_with_other_pages_keeps_them_and_stores(
+    sqlite_settings: Settings,
+) -> None:
+    # Stores created before 16 KiB pages (or by hand) open as they are.
+    db = Path(sqlite_settings.storage.path)
+    with sqlite3.connect(db) as made:
+        made.execute("PRAGMA page_size = 4096")
+        made.execute("PRAGMA journal_mode = WAL")
+    storage = open_storage(sqlite_settings)
+    await storage.open()
+    try:
+        await storage.write_batch(Batch(hits=[sample_row(), sample_row(ts_ms=2)]))
+        assert (await storage.fetch_one("SELECT count(*) AS n FROM hits")) == {"n": 2}
+    finally:
+        await storage.close()
+    assert rows(db, "PRAGMA page_size")[0][0] == 4096
 
 
 async def test_batch_is_all_or_nothing(backend_settings: Settings) -> None:
