@@ -22,7 +22,7 @@ invisible to subject access, erasure and blocking. Who notes them:
   it (their ids are handed out again). From this version on, a collector refuses a file
   whose schema is newer than its own.
   A writer that shares the file notes in each batch's transaction. The writer process,
-  the file's one writer under ``collector serve``, lets 65,536 hits or 30 s of them wait
+  the file's one writer under ``collector serve``, lets 32,768 hits or 30 s of them wait
   and notes them in one pass, each page of the tables once: one batch at a time, a new
   visitor's pair took a random page each (session 12). So whatever reads the tables
   first notes every hit above the mark (``catch_up``): every lookup here, a network
