@@ -76,6 +76,7 @@ async def test_schema_is_migrated_once(backend_settings: Settings) -> None:
 async def test_sqlite_file_is_private_and_in_wal_mode(sqlite_settings: Settings) -> None:
     storage = open_storage(sqlite_settings)
     await storage.open()
+    assert await _checkpoint_pages(storage) == 2_560  # 40 MiB of WAL
     await storage.close()
     db = Path(sqlite_settings.storage.path)
     assert stat.S_IMODE(db.stat().st_mode) == 0o600
@@ -96,9 +97,16 @@ async def test_a_file_made_with_other_pages_keeps_them_and_stores(
     try:
         await storage.write_batch(Batch(hits=[sample_row(), sample_row(ts_ms=2)]))
         assert (await storage.fetch_one("SELECT count(*) AS n FROM hits")) == {"n": 2}
+        assert await _checkpoint_pages(storage) == 10_240  # 40 MiB of WAL, as with 16 KiB
     finally:
         await storage.close()
     assert rows(db, "PRAGMA page_size")[0][0] == 4096
+
+
+async def _checkpoint_pages(storage: Any) -> int:
+    async with storage.writer.execute("PRAGMA wal_autocheckpoint") as cur:
+        row = await cur.fetchone()
+    return int(row[0])
 
 
 async def test_batch_is_all_or_nothing(backend_settings: Settings) -> None:
