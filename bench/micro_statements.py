@@ -29,7 +29,7 @@ from bench.micro_writer import _visits
 from bench.mix import GEOIP, build_mix
 from collector.storage.base import HitRow
 from collector.storage.driver import connect
-from collector.storage.sqlite import SQLiteStorage
+from collector.storage.sqlite import _CACHE_KIB, _CHECKPOINT_BYTES, PAGE_SIZE, SQLiteStorage
 
 
 def _measure(
@@ -53,9 +53,10 @@ def _measure(
     storage = SQLiteStorage(settings, aggregators(settings))
     asyncio.run(_migrate(storage))  # the schema; the timed writes use their own connection
     conn = connect(path, isolation_level=None)  # secure_delete, as the store's connections
-    for pragma in ("journal_mode = WAL", "synchronous = NORMAL", "cache_size = -8192"):
+    for pragma in ("journal_mode = WAL", "synchronous = NORMAL", f"cache_size = -{_CACHE_KIB}"):
         conn.execute(f"PRAGMA {pragma}")
-    conn.execute("PRAGMA wal_autocheckpoint = 10000")
+    pages = _CHECKPOINT_BYTES // conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.execute(f"PRAGMA wal_autocheckpoint = {pages}")
     generations: dict[str, int] = {}
     for aggregate in storage._windowed:
         found = conn.execute(aggregate.generation_sql).fetchone()
@@ -103,7 +104,7 @@ def _measure(
     conn.close()
     n = len(rows)
     held = f", {len(prefill):,} hits already stored" if prefill else ""
-    held += f", page size {page_size}" if page_size else ""
+    held += f", page size {page_size or PAGE_SIZE}"
     summed = f", aggregates of {window} batches summed" if window > 1 else ""
     print(f"\nbatches of {size}{held}{summed}: {total / n * 1e6:.1f} us CPU per hit in all")
     print(f"  {prepare / n * 1e6:6.2f} us  Python: rollup and IP pre-aggregation, statements")
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         "--prefill", type=int, default=0, help="hits stored (untimed) before the measured ones"
     )
     ap.add_argument("--window", type=int, default=1, help="batches whose aggregates are summed")
-    ap.add_argument("--page-size", type=int, default=0, help="SQLite page size (0: default)")
+    ap.add_argument("--page-size", type=int, default=0, help="SQLite page size (0: the store's)")
     args = ap.parse_args(argv)
     from collector.config import load_settings
     from collector.enrich import Enricher

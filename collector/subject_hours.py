@@ -22,11 +22,12 @@ invisible to subject access, erasure and blocking. Who notes them:
   it (their ids are handed out again). From this version on, a collector refuses a file
   whose schema is newer than its own.
   A writer that shares the file notes in each batch's transaction. The writer process,
-  the file's one writer under ``collector serve``, lets 32,768 hits or 30 s of them wait
-  and notes them in one pass, each page of the tables once: one batch at a time, a new
-  visitor's pair took a random page each (session 12). So whatever reads the tables
-  first notes every hit above the mark (``catch_up``): every lookup here, a network
-  block's members, and every process that opens the file.
+  the file's one writer under ``collector serve``, lets 32,768 hits wait (or until a
+  batch comes 30 s after the first waiting one) and notes them in one pass, each page
+  of the tables once: one batch at a time, a new visitor's pair took a random page each
+  (session 12). So whatever reads the tables first notes every hit above the mark
+  (``catch_up``): every lookup here, a network block's members, and every process that
+  opens the file.
 - **PostgreSQL**: triggers (migrations 0013 and 0014), on every insert whatever the path
   and whichever node.
 
@@ -171,7 +172,7 @@ async def note_hours(
     pending = await tx.fetch_one(PENDING_FROM)
     waiting = int(pending["value"]) if pending else None
     low = int(mark["value"]) if mark else 0
-    for first in ([own[0][0]] if own else []) + ([waiting] if waiting else []):
+    for first in [a for a, _ in own or ()] + ([waiting] if waiting else []):
         low = min(low, first - 1)
     upto = top if most is None else min(top, low + most)
     if upto > low:

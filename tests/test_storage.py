@@ -6,6 +6,7 @@ Each test taking ``backend_settings`` runs on SQLite and on PostgreSQL.
 from __future__ import annotations
 
 import ast
+import contextlib
 import logging
 import sqlite3
 import stat
@@ -89,7 +90,7 @@ async def test_a_file_made_with_other_pages_keeps_them_and_stores(
 ) -> None:
     # Stores created before 16 KiB pages (or by hand) open as they are.
     db = Path(sqlite_settings.storage.path)
-    with sqlite3.connect(db) as made:
+    with contextlib.closing(sqlite3.connect(db)) as made:
         made.execute("PRAGMA page_size = 4096")
         made.execute("PRAGMA journal_mode = WAL")
     storage = open_storage(sqlite_settings)

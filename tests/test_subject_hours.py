@@ -184,7 +184,7 @@ async def test_hits_another_writer_stored_are_noted_by_the_next_batch(
 ) -> None:
     # An older version's writer still running after an upgrade (no triggers, no notes),
     # a downgrade, an operator's INSERT: the writer's next batch that notes notes theirs
-    # too, and says whose they are (the writer process's own hits wait: 2 and 4 here).
+    # too, and says whose they are (the writer process's own hits wait: 1, then 4 and 5).
     monkeypatch.setattr(sqlite_storage, "_NOTE_HITS", 3)
     await store(writer, [hit(NOW, "a" * 32, "192.0.2.7")])
     await _insert_raw(other, hit(NOW + 1, "b" * 32, "192.0.2.8"))
@@ -329,6 +329,20 @@ async def test_the_writer_process_notes_what_waits_when_it_closes(
         assert visitors == [(f"{1:032x}", NOW // HOUR_MS)]
         assert conn.execute(subject_hours.NOTED_UP_TO).fetchall() == [(2,)]
         assert conn.execute(subject_hours.PENDING_FROM).fetchall() == []
+
+
+async def test_a_due_note_covers_ids_a_hand_made_delete_freed_below_the_waiting_ones(
+    bulk_writer: SQLiteStorage, other: SQLiteStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The writer's own waiting ids come out of order (3, then 2 again): its note must
+    # start below the lowest, or id 2 would pass under the mark for good.
+    monkeypatch.setattr(sqlite_storage, "_NOTE_HITS", 2)
+    await store(bulk_writer, pair(1))  # noted: mark 2
+    await store(bulk_writer, [hit(NOW + 5, "a" * 32, "192.0.2.50")])  # id 3 waits
+    await other.execute("DELETE FROM hits WHERE id > 1")
+    await store(bulk_writer, [hit(NOW + 7, "c" * 32, "192.0.2.77")])  # id 2: due
+    assert ("c" * 32, NOW // HOUR_MS) in (await noted(bulk_writer))[0]
+    assert (await erase(other, Subject("visitor", "c" * 32), SECRET, [])).hits == 1
 
 
 async def test_waiting_hits_under_ids_a_hand_made_delete_freed_are_found(

@@ -114,7 +114,7 @@ _STRAYS_CHUNK = 100_000  # ids of hits stored elsewhere noted per transaction at
 # holds half the memory (~2 MB of the writer's RSS). Until then the hits are found all
 # the same: every lookup notes the hits above the mark first (``subject_hours.catch_up``).
 _NOTE_HITS = 32_768
-_NOTE_AGE_S = 30.0
+_NOTE_AGE_S = 30.0  # checked when a batch comes: no timer (lookups note anyway)
 _IDLE_S = 0.5  # a window nothing follows for this long ends on its own
 # The most hits a window sums: what 4 batches of 8,000 held before windows could last 2 s
 # and 8 batches. Its dicts, and the rows a catch-up re-reads, grow with it (RSS budget).
@@ -230,7 +230,7 @@ class SQLiteStorage:
         else:
             # Fixed when the file is created, before WAL mode writes its header; a file
             # made with another size keeps it. With the hours tables noted in bulk, 16 KiB
-            # pages took CPU per stored hit 12-22% lower into a new store and 1-5% lower
+            # pages stored 12-22% more hits per CPU second into a new store and 1-5% more
             # into a grown one and on the aggregating path (docs/PERFORMANCE.md, session
             # 12; session 7 measured them dearer, when each batch dirtied random pages).
             await conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
@@ -242,11 +242,12 @@ class SQLiteStorage:
             # writer's CPU and cost it 16 MB of RSS; 12 against 16 MiB, and 8 against 12
             # (session 5), measured no difference beyond the noise. Since the hours are
             # noted in bulk, batches no longer dirty random pages all over the hours
-            # tables, and 4 MiB measured as fast as 8 (session 12): 4 MB of RSS back.
+            # tables, and 4 MiB measured within the noise of 8 (-9% to +3%, session 12):
+            # 3-4 MB of RSS back.
             await conn.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
             async with conn.execute("PRAGMA page_size") as cur:
                 row = await cur.fetchone()
-            pages = _CHECKPOINT_BYTES // int(row[0]) if row else 10_000
+            pages = _CHECKPOINT_BYTES // int(row[0] if row else PAGE_SIZE)
             await conn.execute(f"PRAGMA wal_autocheckpoint = {pages}")
         return conn
 
@@ -428,7 +429,9 @@ class SQLiteStorage:
                 for sql, params in statements:
                     await conn.executemany(sql, params)
                 last = await _max_id(conn)
-                unnoted = [*self._unnoted, (first, last)] if last >= first else self._unnoted
+                unnoted = self._unnoted
+                if last >= first:  # in id order: reused ids may come below earlier ones
+                    unnoted = _union([*unnoted, (first, last)])
                 noting = self._hours_due(unnoted)
                 if noting:  # read back from the rows just written (collector.subject_hours)
                     await note_hours(SQLiteTx(conn), last, unnoted)
@@ -468,7 +471,7 @@ class SQLiteStorage:
         self._generations = current
         if noting or not self._unnoted:
             self._unnoted_since = time.monotonic()
-        self._unnoted = [] if noting else _union(unnoted)
+        self._unnoted = [] if noting else unnoted
         if keep_back:
             if stale:  # the sums are void; the ranges are aggregated from the rows later
                 self._window, self._catch_up = None, True
