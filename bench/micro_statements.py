@@ -65,13 +65,13 @@ def _measure(
     for i in range(0, len(prefill), size):
         alone = storage._new_window(generations)  # each prefill batch its own window
         statements = storage._batch_statements(Batch(hits=prefill[i : i + size]), alone)
-        found, committed = alone.statements()
+        found, prefilled = alone.statements()
         statements += found
         conn.execute("BEGIN IMMEDIATE")
         for sql, params in statements:
             conn.executemany(sql, params)
         conn.execute("COMMIT")
-        for done in committed:
+        for done in prefilled:
             done()
     spent: defaultdict[str, float] = defaultdict(float)
     count: Counter[str] = Counter()
