@@ -211,12 +211,13 @@ async def catch_up(db: Storage | Transaction) -> None:
     mark = await db.fetch_one(NOTED_UP_TO)
     if mark is None:
         return
-    if await _top(db) <= int(mark["value"]) and await db.fetch_one(PENDING_FROM) is None:
+    top = await _top(db)
+    if top <= int(mark["value"]) and await db.fetch_one(PENDING_FROM) is None:
         return
     transaction = getattr(db, "transaction", None)  # a Storage; else already in one
     if transaction is None:
-        await note_hours(cast(Transaction, db), await _top(db))
-    else:
+        await note_hours(cast(Transaction, db), top)
+    else:  # read again under the write lock
         async with transaction() as tx:
             await note_hours(tx, await _top(tx))
 

@@ -285,7 +285,7 @@ async def erase(
             t.name: await tx.execute(f"DELETE FROM {t.name} WHERE {clause}", [subject.value])
             for t, clause in tables
         }
-        if await _exists(tx, tables, "ipstat_daily"):
+        if any(t.name == "ipstat_daily" for t, _ in tables):
             # The per-IP rows went with the personal tables above. A writer that stored
             # value rows before leaves them out of later batches until the rewrite
             # generation moves: it must learn that these are gone (collector.ipstats).
@@ -341,10 +341,6 @@ async def _delete_hits(
                 break
             since = [last]
     return deleted, (lo, hi) if lo is not None else None, sorted(consent_ids)
-
-
-async def _exists(tx: Transaction, tables: list[tuple[PersonalTable, str]], name: str) -> bool:
-    return any(t.name == name for t, _ in tables)
 
 
 async def _pseudonymise(

@@ -49,8 +49,7 @@ def sole(request: pytest.FixtureRequest) -> bool:
     return MODES[request.param]
 
 
-@pytest.fixture
-async def writer(settings: Settings, sole: bool) -> AsyncIterator[SQLiteStorage]:
+async def _opened(settings: Settings, *, sole: bool = False) -> AsyncIterator[SQLiteStorage]:
     storage = SQLiteStorage(settings, sole_writer=sole)
     await storage.open()
     yield storage
@@ -58,12 +57,16 @@ async def writer(settings: Settings, sole: bool) -> AsyncIterator[SQLiteStorage]
 
 
 @pytest.fixture
+async def writer(settings: Settings, sole: bool) -> AsyncIterator[SQLiteStorage]:
+    async for storage in _opened(settings, sole=sole):
+        yield storage
+
+
+@pytest.fixture
 async def other(settings: Settings) -> AsyncIterator[SQLiteStorage]:
     """Another connection to the same file, as the CLI or the governance API has."""
-    storage = SQLiteStorage(settings)
-    await storage.open()
-    yield storage
-    await storage.close()
+    async for storage in _opened(settings):
+        yield storage
 
 
 def hit(ts_ms: int, visitor: str, ip: str) -> HitRow:
@@ -258,10 +261,8 @@ async def bulk_writer(
     """The writer process's storage, noting hours once 5 hits wait (or after 10 minutes)."""
     monkeypatch.setattr(sqlite_storage, "_NOTE_HITS", 5)
     monkeypatch.setattr(sqlite_storage, "_NOTE_AGE_S", 600.0)
-    storage = SQLiteStorage(settings, sole_writer=True)
-    await storage.open()
-    yield storage
-    await storage.close()
+    async for storage in _opened(settings, sole=True):
+        yield storage
 
 
 def pair(n: int) -> list[HitRow]:

@@ -500,15 +500,9 @@ class SQLiteStorage:
         """At close: the hours of our hits not noted yet, so the next open finds none."""
         if not self._unnoted or self._write is None:
             return
-        conn = self._write
         try:
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                await note_hours(SQLiteTx(conn), await _max_id(conn), self._unnoted)
-                await conn.execute("COMMIT")
-            except BaseException:
-                await conn.execute("ROLLBACK")
-                raise
+            async with _immediate(self._write) as tx:
+                await note_hours(tx, await _max_id(self._write), self._unnoted)
         except (sqlite3.Error, StorageError) as exc:  # the next open or lookup notes them
             logger.error("noting the hours of stored hits at close failed: %s", exc)
             return
@@ -520,14 +514,9 @@ class SQLiteStorage:
         ``_STRAYS_CHUNK`` ids: a long backlog (an older version that ran for days) must
         not hold the write lock past another process's busy timeout."""
         while True:
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
+            async with _immediate(conn) as tx:
                 top = await _max_id(conn)
-                upto = await note_hours(SQLiteTx(conn), top, most=_STRAYS_CHUNK)
-                await conn.execute("COMMIT")
-            except BaseException:
-                await conn.execute("ROLLBACK")
-                raise
+                upto = await note_hours(tx, top, most=_STRAYS_CHUNK)
             if upto >= top:
                 return
 
@@ -659,22 +648,27 @@ class SQLiteStorage:
         """A write transaction on the admin connection (BEGIN IMMEDIATE ... COMMIT)."""
         if self._admin is None:
             raise StorageError("storage is not open")
-        conn = self._admin
-        async with self._admin_lock:
-            try:
-                await conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise StorageError(f"cannot start a transaction: {exc}") from exc
-            try:
-                yield SQLiteTx(conn)
-            except BaseException:
-                await conn.execute("ROLLBACK")
-                raise
-            try:
-                await conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                await conn.execute("ROLLBACK")
-                raise StorageError(f"commit failed: {exc}") from exc
+        async with self._admin_lock, _immediate(self._admin) as tx:
+            yield tx
+
+
+@contextlib.asynccontextmanager
+async def _immediate(conn: aiosqlite.Connection) -> AsyncIterator[SQLiteTx]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` on ``conn``; rolled back if the body raises."""
+    try:
+        await conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot start a transaction: {exc}") from exc
+    try:
+        yield SQLiteTx(conn)
+    except BaseException:
+        await conn.execute("ROLLBACK")
+        raise
+    try:
+        await conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        await conn.execute("ROLLBACK")
+        raise StorageError(f"commit failed: {exc}") from exc
 
 
 async def _fetch_all(
