@@ -393,4 +393,10 @@ def test_only_the_batch_writer_inserts_hits() -> None:
         for path in PACKAGE.rglob("*.py")
         if _INSERT_INTO_HITS.search(path.read_text(encoding="utf-8"))
     )
-    assert found == ["storage/sqlite.py"]
+    assert found == ["storage/sqlite_inserts.py"]
+    users = sorted(
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if "sqlite_inserts import" in path.read_text(encoding="utf-8")
+    )
+    assert users == ["storage/sqlite.py"]  # its batch writer, which notes the hours

@@ -14,7 +14,6 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from collector.storage.base import (
 )
 from collector.storage.driver import connect, sqlite3
 from collector.storage.migrations import migrations
+from collector.storage.sqlite_inserts import hit_inserts
 from collector.subject_hours import SET_PENDING_FROM, note_hours
 from collector.visibility import VISIBLE
 
@@ -48,21 +48,6 @@ _CHECKPOINT_BYTES = 40 * 1024 * 1024  # of WAL between automatic checkpoints
 _SETTLE_WAIT_MS = 250
 _SETTLE_ATTEMPTS = 4
 
-_INSERT_HIT = (
-    f"INSERT INTO hits ({', '.join(HIT_COLUMNS)}) VALUES ({', '.join('?' * len(HIT_COLUMNS))})"
-)
-# Pixel hits leave the app-collection columns (migration 0008) NULL. Binding 22 instead
-# of 29 parameters, from plain tuples rather than ``HitRow`` named tuples (which the
-# sqlite3 module reads item by item through the sequence protocol), halves the per-row
-# cost of the insert without its indexes: 7.5 -> 3.9 us (docs/PERFORMANCE.md).
-_PIXEL_WIDTH = HIT_COLUMNS.index("event_id")
-_INSERT_PIXEL_HIT = (
-    f"INSERT INTO hits ({', '.join(HIT_COLUMNS[:_PIXEL_WIDTH])}) "
-    f"VALUES ({', '.join('?' * _PIXEL_WIDTH)})"
-)
-_pixel_part = itemgetter(slice(0, _PIXEL_WIDTH))
-_app_part = itemgetter(slice(_PIXEL_WIDTH, None))
-_NO_APP_FIELDS = (None,) * (len(HIT_COLUMNS) - _PIXEL_WIDTH)
 _UPSERT_COUNT = (
     "INSERT INTO pixel_counts (day, path, consent, hits) VALUES (?, ?, ?, ?) "
     "ON CONFLICT (day, path, consent) DO UPDATE SET hits = hits + excluded.hits"
@@ -90,18 +75,6 @@ def create_private_file(path: Path) -> None:
     except FileExistsError:
         return
     os.close(fd)
-
-
-def hit_inserts(hits: Sequence[HitRow]) -> list[Statement]:
-    """The inserts for a batch's hits: pixel hits through the narrow statement."""
-    if not hits:
-        return []
-    app = list(map(_app_part, hits))
-    if app.count(_NO_APP_FIELDS) == len(app):
-        return [(_INSERT_PIXEL_HIT, list(map(_pixel_part, hits)))]
-    pixel = [h[:_PIXEL_WIDTH] for h, a in zip(hits, app, strict=True) if a == _NO_APP_FIELDS]
-    full = [tuple(h) for h, a in zip(hits, app, strict=True) if a != _NO_APP_FIELDS]
-    return [(sql, rows) for sql, rows in ((_INSERT_PIXEL_HIT, pixel), (_INSERT_HIT, full)) if rows]
 
 
 _STRAYS_CHUNK = 100_000  # ids of hits stored elsewhere noted per transaction at open
