@@ -1,19 +1,20 @@
 """The statements that insert a batch's hits into SQLite, built for the least binding.
 
-Most of the writer's cost per row is the sqlite3 module binding parameters, not SQLite
-storing them (docs/PERFORMANCE.md, sessions 9 and 13). Two things make that cheaper:
+A large part of the writer's cost a row is binding its parameters: the sqlite3 module's
+conversions, and SQLite copying each text it is given (docs/PERFORMANCE.md, sessions 9
+and 13). Two things make that cheaper:
 
 - **Pixel hits leave the app-collection columns (migration 0008) NULL.** Binding 22
   instead of 29 parameters, from plain tuples rather than ``HitRow`` named tuples (which
   the sqlite3 module reads item by item through the sequence protocol), halved the
   per-row cost of the insert without its indexes: 7.5 -> 3.9 µs (session 2).
-- **A column that is NULL in every hit of the batch is left out of the statement**, so
-  SQLite stores its default (NULL) without a parameter. Python 3.11's sqlite3 binds
-  each None through the adapter registry (``driver.py``): ~0.24 µs a NULL. Cookies,
-  placement and the geo columns are NULL for whole batches on many stores (no cookie
-  allowlist, no ad blocks, no GeoIP database): a 22-column pixel row with 5 NULLs cost
-  4.3 µs a row, the same 17 values without them 3.1 (in memory, session 13). Finding
-  such a column stops at its first value, so a column with values costs next to nothing.
+- **Columns that are NULL in every hit of the batch are left out of the statement**,
+  three or more of them, so SQLite stores their default (NULL) without a parameter.
+  Python 3.11's sqlite3 binds each None through the adapter registry (``driver.py``),
+  ~700 instructions a NULL. Cookies, placement and the geo columns are NULL for whole
+  batches on many stores (no cookie allowlist, no ad blocks, no GeoIP database). The
+  search for such columns stops at a column's first value: a column set in the batch's
+  first rows costs next to nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ _COLUMN = [itemgetter(k) for k in range(len(HIT_COLUMNS))]
 # Columns with a default other than NULL are always bound: left out, a None there would
 # be stored as the default instead of failing its NOT NULL (0001: source 'web').
 _BOUND = frozenset({HIT_COLUMNS.index("source")})
+# Leaving columns out means picking the others one by one (``itemgetter`` of each
+# index), ~1,900 instructions a row more than one slice; each NULL bound costs ~700
+# (cachegrind, session 13). So it pays from three NULL columns on.
+_LEAVE_OUT_FROM = 3
 
 
 def hit_inserts(hits: Sequence[HitRow]) -> list[Statement]:
@@ -49,13 +54,15 @@ def hit_inserts(hits: Sequence[HitRow]) -> list[Statement]:
 
 
 def _insert(rows: Sequence[HitRow], width: int) -> Statement:
-    """One INSERT for ``rows`` over their first ``width`` columns (0: all) that hold a
-    value in at least one row."""
-    kept = tuple(
+    """One INSERT for ``rows`` over their first ``width`` columns (0: all), without
+    those that are NULL in every row if there are ``_LEAVE_OUT_FROM`` of them."""
+    columns = range(width or len(HIT_COLUMNS))
+    null = {
         k
-        for k in range(width or len(HIT_COLUMNS))
-        if k in _BOUND or any(map(is_not, map(_COLUMN[k], rows), repeat(None)))
-    )
+        for k in columns
+        if k not in _BOUND and not any(map(is_not, map(_COLUMN[k], rows), repeat(None)))
+    }
+    kept = tuple(k for k in columns if len(null) < _LEAVE_OUT_FROM or k not in null)
     sql, values = _statement(kept)
     return sql, list(map(values, rows))
 
@@ -63,9 +70,11 @@ def _insert(rows: Sequence[HitRow], width: int) -> Statement:
 @functools.lru_cache(maxsize=64)
 def _statement(kept: tuple[int, ...]) -> tuple[str, Callable[[HitRow], tuple[Any, ...]]]:
     """The SQL that inserts the columns ``kept``, and what picks their values from a row
-    as a plain tuple."""
+    as a plain tuple: one slice for a run from the first column, else one item each."""
     names = ", ".join(HIT_COLUMNS[k] for k in kept)
     sql = f"INSERT INTO hits ({names}) VALUES ({', '.join('?' * len(kept))})"
+    if kept == tuple(range(len(kept))):
+        return sql, itemgetter(slice(0, len(kept)))
     if len(kept) == 1:  # itemgetter of one index returns the value, not a tuple
         only = kept[0]
         return sql, lambda row: (row[only],)
