@@ -32,7 +32,7 @@ from pathlib import Path
 
 from bench.mix import GEOIP, Mix, build_mix
 from collector.config import Settings
-from collector.storage.base import Aggregator, Batch, HitRow, RawHit
+from collector.storage.base import Aggregator, AnonHit, Batch, HitRow, RawHit
 from collector.storage.sqlite import SQLiteStorage
 
 
@@ -43,11 +43,9 @@ async def _run(
     automatic_gc: bool = False,
     grown: int = 0,
 ) -> dict[str, float]:
-    from collector.config import load_settings
     from collector.enrich import Enricher
     from collector.geo import GeoIP
     from collector.metrics import Metrics
-    from collector.storage.base import AnonHit
     from collector.writer import BatchWriter
     from collector.writer_process import BatchCollection
 
@@ -59,39 +57,9 @@ async def _run(
         return contextlib.nullcontext() if automatic_gc else collection.after()
 
     mix = build_mix()
-    rnd = random.Random(7)
-    settings = load_settings(
-        None,
-        environ={
-            "COLLECTOR_STORAGE_PATH": str(work / "w.db"),
-            "COLLECTOR_CONSENT_SECRET": "micro-writer-secret-0123456789",
-            "COLLECTOR_GEOIP_CITY_DB": str(GEOIP / "GeoIP2-City-Test.mmdb"),
-            "COLLECTOR_GEOIP_ASN_DB": str(GEOIP / "GeoLite2-ASN-Test.mmdb"),
-            "COLLECTOR_GEOIP_ANONYMOUS_DB": str(GEOIP / "GeoIP2-Anonymous-IP-Test.mmdb"),
-        },
-    )
-    pages = [f"https://shop.example.kz/catalog/item-{i}?utm_source=x&sid=1" for i in range(5000)]
+    settings = _settings(work / "w.db")
     now = int(time.time() * 1000)
-    items: list[RawHit | AnonHit] = []
-    for i in range(hits):
-        if i % 10 < 7:
-            items.append(
-                RawHit(
-                    now + i,
-                    rnd.choice(mix.ips),
-                    rnd.choice(mix.user_agents),
-                    rnd.choice(pages),
-                    "https://www.google.com/",
-                    "",
-                    f"{i:032x}",
-                    f"{i // 5:032x}",
-                    "consent-id-0001",
-                    "1",
-                    (),
-                )
-            )
-        else:
-            items.append(AnonHit(now + i, rnd.choice(pages), "absent"))
+    items = _target_hits(mix, hits, now)
     consented = sum(isinstance(x, RawHit) for x in items)
 
     # The writer process's storage: the file's one writer (``sole_writer``), which notes
@@ -171,6 +139,50 @@ async def _run(
         await storage.close()
         geoip.close()
     return results
+
+
+def _settings(path: Path) -> Settings:
+    """The benchmark's settings: the store at ``path``, the test GeoIP databases."""
+    from collector.config import load_settings
+
+    return load_settings(
+        None,
+        environ={
+            "COLLECTOR_STORAGE_PATH": str(path),
+            "COLLECTOR_CONSENT_SECRET": "micro-writer-secret-0123456789",
+            "COLLECTOR_GEOIP_CITY_DB": str(GEOIP / "GeoIP2-City-Test.mmdb"),
+            "COLLECTOR_GEOIP_ASN_DB": str(GEOIP / "GeoLite2-ASN-Test.mmdb"),
+            "COLLECTOR_GEOIP_ANONYMOUS_DB": str(GEOIP / "GeoIP2-Anonymous-IP-Test.mmdb"),
+        },
+    )
+
+
+def _target_hits(mix: Mix, hits: int, now: int) -> list[RawHit | AnonHit]:
+    """The target figure's hits: 7 in 10 consented, each with a new visitor id (one
+    session per 5), one a millisecond; the others anonymous."""
+    rnd = random.Random(7)
+    pages = [f"https://shop.example.kz/catalog/item-{i}?utm_source=x&sid=1" for i in range(5000)]
+    items: list[RawHit | AnonHit] = []
+    for i in range(hits):
+        if i % 10 < 7:
+            items.append(
+                RawHit(
+                    now + i,
+                    rnd.choice(mix.ips),
+                    rnd.choice(mix.user_agents),
+                    rnd.choice(pages),
+                    "https://www.google.com/",
+                    "",
+                    f"{i:032x}",
+                    f"{i // 5:032x}",
+                    "consent-id-0001",
+                    "1",
+                    (),
+                )
+            )
+        else:
+            items.append(AnonHit(now + i, rnd.choice(pages), "absent"))
+    return items
 
 
 async def _timed(
