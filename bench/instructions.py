@@ -4,7 +4,8 @@ This host's timings swing by 2x between minutes (other tenants share its cores),
 change worth 5-10% cannot be seen in rows/s without many rounds. Valgrind's cachegrind
 counts the instructions a process executes, in user space, and gives the same count
 run after run. This runs ``SQLiteStorage.write_batch`` as the writer process does (sole
-writer, batches of 2,000, the cyclic GC paused per batch, close included) twice under
+writer, batches of 2,000, the cyclic GC paused per batch, close included), without the
+aggregators (rollups and IP statistics: ``micro_writer``'s write path figure), twice under
 cachegrind, with a small and a large number of hits. The difference divided by the
 difference in hits is the cost of one hit, without start-up, imports or migrations.
 
@@ -54,7 +55,8 @@ def _rows(hits: int) -> dict[str, list[tuple[object, ...]]]:
     geoip.open()
     try:
         enricher = Enricher(settings, geoip)
-        mix, now = build_mix(), int(time.time() * 1000)
+        # The start of an hour, so no run's hits cross into a new hour (hours rows).
+        mix, now = build_mix(), int(time.time() // 3600 * 3600 * 1000)
         items = _target_hits(mix, hits * 10 // 7 + 10, now)
         target = [enricher.row(x) for x in items if isinstance(x, RawHit)][:hits]
         returning = [enricher.row(x) for x in _visits(mix, hits, now)]
@@ -73,6 +75,10 @@ def _child(tree: str, rows_file: str, mix: str, hits: int, store: str, seed: str
     sys.path.insert(0, tree)
     import gc
 
+    import collector
+
+    if not Path(collector.__file__).resolve().is_relative_to(Path(tree).resolve()):
+        raise SystemExit(f"--tree {tree}: no collector package there")
     from collector.config import load_settings
     from collector.storage.base import Batch, HitRow
     from collector.storage.sqlite import SQLiteStorage

@@ -255,7 +255,9 @@ class _Server:
         return ("ok", tally.to_wire())
 
 
-async def run_writer(socket_path: str, stop: asyncio.Event) -> None:
+async def run_writer(
+    socket_path: str, stop: asyncio.Event, memory_statistics_off: bool = False
+) -> None:
     """The writer process's life: open storage, serve workers until ``stop``, drain."""
     from collector.aggregates import aggregators
     from collector.backup import DatabaseLock
@@ -279,7 +281,10 @@ async def run_writer(socket_path: str, stop: asyncio.Event) -> None:
     os.chmod(socket_path, 0o600)
     gc.collect()
     gc.freeze()  # schema, statements, block list: out of the cyclic collector's scans
-    logger.info("writer process ready", extra={"pid": os.getpid()})
+    logger.info(
+        "writer process ready",
+        extra={"pid": os.getpid(), "sqlite_memory_statistics_off": memory_statistics_off},
+    )
     sys.stdout.buffer.write(_READY)
     sys.stdout.buffer.flush()
     try:
@@ -296,6 +301,11 @@ async def run_writer(socket_path: str, stop: asyncio.Event) -> None:
 def _main(socket_path: str) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Before any thread starts: SQLite's memory statistics go off only in a process that
+    # runs no other thread yet (storage/driver.py), and this is the process that writes.
+    from collector.storage import driver
+
+    memory_statistics_off = driver.MEMORY_STATISTICS_OFF
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -306,7 +316,7 @@ def _main(socket_path: str) -> int:
             loop.call_soon_threadsafe(stop.set)
 
         threading.Thread(target=wait_for_eof, name="stdin-eof", daemon=True).start()
-        await run_writer(socket_path, stop)
+        await run_writer(socket_path, stop, memory_statistics_off)
 
     try:
         import uvloop

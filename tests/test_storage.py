@@ -166,19 +166,23 @@ async def test_columns_null_in_a_whole_batch_read_back_null_and_others_exact(
     # SQLite leaves a column that is NULL in every hit of a batch out of its INSERT: it
     # must read back NULL, and a column NULL in only some hits must keep the others' values.
     bare = [sample_row(ts_ms=t) for t in (1, 2)]
-    mixed = [
-        sample_row(ts_ms=3, cookies='{"ab":"1"}', placement_id="banner-1", country="KZ"),
-        sample_row(ts_ms=4, referrer_url="https://ref.example/", region="Almaty", city="Almaty"),
+    mixed = [  # cookies, placement and country NULL throughout: left out
+        sample_row(ts_ms=3, referrer_url="https://ref.example/", region="Almaty"),
+        sample_row(ts_ms=4, city="Almaty"),
         sample_row(ts_ms=5),
+    ]
+    full = [
+        sample_row(ts_ms=6, cookies='{"ab":"1"}', placement_id="banner-1", country="KZ"),
+        sample_row(ts_ms=7, referrer_url="https://ref.example/", region="Almaty", city="A"),
     ]
     storage = open_storage(backend_settings)
     await storage.open()
     try:
-        await storage.write_batch(Batch(hits=bare))
-        await storage.write_batch(Batch(hits=mixed))
+        for batch in (bare, mixed, full):
+            await storage.write_batch(Batch(hits=batch))
         cols = ", ".join(HitRow._fields)
         stored = await storage.fetch_all(f"SELECT {cols} FROM hits ORDER BY ts_ms")
-        assert [HitRow(**r) for r in stored] == [*bare, *mixed]
+        assert [HitRow(**r) for r in stored] == [*bare, *mixed, *full]
     finally:
         await storage.close()
 
@@ -215,10 +219,13 @@ def test_sqlite_binds_no_parameter_for_columns_null_in_every_hit() -> None:
     assert "country" in bound(some) and "city" not in bound(some)
     [(_, values)] = hit_inserts(some)
     assert values[1][bound(some).index("country")] == "KZ"
-    # Two NULL columns (cookies, placement) are bound: every pixel column is there.
-    geo = dict(referrer_url="https://ref.example/", country="KZ", region="A", city="A")
-    pixel_columns = HitRow._fields[: HitRow._fields.index("event_id")]
-    assert bound([sample_row(ts_ms=1, **geo)]) == list(pixel_columns)
+    # Three NULL columns are left out; two (cookies, placement) are bound.
+    pixel_columns = list(HitRow._fields[: HitRow._fields.index("event_id")])
+    geo = dict(referrer_url="https://ref.example/", country="KZ", region="A")
+    assert bound([sample_row(ts_ms=1, **geo)]) == [
+        c for c in pixel_columns if c not in ("cookies", "placement_id", "city")
+    ]
+    assert bound([sample_row(ts_ms=1, city="A", **geo)]) == pixel_columns
 
 
 async def test_generic_access_is_portable(backend_settings: Settings) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import os
 import signal
 import sys
@@ -179,6 +180,20 @@ def test_writer_process_ends_when_serve_is_killed(serve: Callable[..., Server]) 
     (writer,) = writer_pids(server)
     server.stop(signal.SIGKILL)
     wait_until(lambda: not alive(writer))  # no orphan: its stdin closed with the parent
+
+
+def test_the_writer_process_stores_with_sqlite_memory_statistics_off(
+    serve: Callable[..., Server],
+) -> None:
+    # They cost every SQLite allocation a global mutex (storage/driver.py). The driver
+    # turns them off only before any thread starts, so the writer imports it first.
+    server = serve()
+    ready = [
+        json.loads(line)
+        for line in server.log.read_text().splitlines()
+        if '"writer process ready"' in line
+    ]
+    assert [r["sqlite_memory_statistics_off"] for r in ready] == [True]
 
 
 async def test_a_big_batch_is_marshalled_in_slices_whole_and_in_order_between_pixels() -> None:

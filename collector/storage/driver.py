@@ -27,9 +27,11 @@ connections of one copy of the library (https://www.sqlite.org/howtocorrupt.html
 
 from __future__ import annotations
 
+import _sqlite3
 import ctypes
 import logging
 import sqlite3
+import threading
 from typing import Any
 
 __all__ = ["connect", "sqlite3"]
@@ -71,25 +73,31 @@ def _memory_statistics_off() -> bool:
 
     The option can only be set while the library is shut down, and the sqlite3 module
     initialises it on import. So this shuts it down and starts it again, which is safe
-    only while nothing holds SQLite memory: with the statistics on, that is exactly
-    ``sqlite3_memory_used() == 0`` (no open connection or statement anywhere in the
-    process). Otherwise, or where the module does not use a shared libsqlite3 we can
-    find (a static build, no /proc), it leaves the library as it is. Returns whether the
-    statistics are now off."""
+    only while nothing holds SQLite memory and no other thread can start to. With the
+    statistics on, the first is exactly: the bytes in use are those of one allocation
+    made here to check. That also proves they are on (off, SQLite reports 0 in use
+    whatever is open). Otherwise, in a process that runs other threads already, or where
+    the sqlite3 module's SQLite cannot be reached (a static build that hides its
+    symbols), it leaves the library as it is. Returns whether the statistics are now
+    off."""
+    if threading.active_count() != 1:
+        return False
     try:
-        with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
-            paths = {line.split()[-1] for line in maps if "/libsqlite3.so" in line}
-    except OSError:
+        # The extension module's handle: its symbols resolve to the SQLite it uses.
+        lib = ctypes.CDLL(_sqlite3.__file__)
+        lib.sqlite3_memory_used.restype = ctypes.c_int64
+        lib.sqlite3_malloc.restype = ctypes.c_void_p
+        lib.sqlite3_msize.argtypes = [ctypes.c_void_p]
+        lib.sqlite3_msize.restype = ctypes.c_uint64
+        lib.sqlite3_free.argtypes = [ctypes.c_void_p]
+        probe = lib.sqlite3_malloc(64)
+        if not probe:
+            return False
+        alone = lib.sqlite3_memory_used() == lib.sqlite3_msize(probe)
+        lib.sqlite3_free(probe)
+    except (OSError, AttributeError):
         return False
-    if len(paths) != 1:
-        return False
-    lib = ctypes.CDLL(paths.pop())  # the copy already loaded: the same handle
-    lib.sqlite3_memory_used.restype = ctypes.c_int64
-    if lib.sqlite3_libversion_number() != sqlite3.sqlite_version_info[0] * 1_000_000 + (
-        sqlite3.sqlite_version_info[1] * 1000 + sqlite3.sqlite_version_info[2]
-    ):
-        return False
-    if lib.sqlite3_memory_used() != 0:
+    if not alone:
         logger.debug("SQLite is in use already: its memory statistics stay on")
         return False
     if lib.sqlite3_shutdown() != 0:
