@@ -255,9 +255,7 @@ class _Server:
         return ("ok", tally.to_wire())
 
 
-async def run_writer(
-    socket_path: str, stop: asyncio.Event, memory_statistics_off: bool = False
-) -> None:
+async def run_writer(socket_path: str, stop: asyncio.Event) -> None:
     """The writer process's life: open storage, serve workers until ``stop``, drain."""
     from collector.aggregates import aggregators
     from collector.backup import DatabaseLock
@@ -265,6 +263,7 @@ async def run_writer(
     from collector.config import load_settings, resolve_secret
     from collector.logs import configure_logging
     from collector.storage import open_storage
+    from collector.storage.driver import MEMORY_STATISTICS_OFF
 
     settings = resolve_secret(load_settings(os.environ.get("COLLECTOR_CONFIG") or None))
     configure_logging(settings.server)
@@ -283,7 +282,7 @@ async def run_writer(
     gc.freeze()  # schema, statements, block list: out of the cyclic collector's scans
     logger.info(
         "writer process ready",
-        extra={"pid": os.getpid(), "sqlite_memory_statistics_off": memory_statistics_off},
+        extra={"pid": os.getpid(), "sqlite_memory_statistics_off": MEMORY_STATISTICS_OFF},
     )
     sys.stdout.buffer.write(_READY)
     sys.stdout.buffer.flush()
@@ -301,11 +300,9 @@ async def run_writer(
 def _main(socket_path: str) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # Before any thread starts: SQLite's memory statistics go off only in a process that
-    # runs no other thread yet (storage/driver.py), and this is the process that writes.
-    from collector.storage import driver
-
-    memory_statistics_off = driver.MEMORY_STATISTICS_OFF
+    # Imported before any thread starts: SQLite's memory statistics go off only in a
+    # process that runs no other thread yet (storage/driver.py), and this one writes.
+    import collector.storage.driver  # noqa: F401
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -316,7 +313,7 @@ def _main(socket_path: str) -> int:
             loop.call_soon_threadsafe(stop.set)
 
         threading.Thread(target=wait_for_eof, name="stdin-eof", daemon=True).start()
-        await run_writer(socket_path, stop, memory_statistics_off)
+        await run_writer(socket_path, stop)
 
     try:
         import uvloop

@@ -62,7 +62,9 @@ def _insert(rows: Sequence[HitRow], width: int) -> Statement:
         for k in columns
         if k not in _BOUND and not any(map(is_not, map(_COLUMN[k], rows), repeat(None)))
     }
-    kept = tuple(k for k in columns if len(null) < _LEAVE_OUT_FROM or k not in null)
+    if len(null) < _LEAVE_OUT_FROM:
+        null = set()
+    kept = tuple(k for k in columns if k not in null)
     sql, values = _statement(kept)
     return sql, list(map(values, rows))
 
