@@ -4,10 +4,12 @@
 writes cost the pixel too much (docs/PERFORMANCE.md, sessions 6 and 7). This fills a
 SQLite store with ``--hits`` hits spread over one day (random addresses and visitors),
 plants a busy address (600 hits in the day's last hour) and a sparse one (a hit in
-each of 24 hours, one visitor id), then times, as medians of 7, what engineers and the
-DPO wait for: the IP lookup's first page of raw hits and every page, a subject export,
-and one erasure. Last, for comparison, the first page through the old ``(ip, ts_ms)``
-index, created for the purpose.
+each of 24 hours, one visitor id), and a visitor of its own in each of those hours, then
+times, as medians of 7, what engineers and the DPO wait for: the IP lookup's first page
+of raw hits and every page, a subject export, and one erasure of each kind. A visitor's
+hours are read a stored hour at a time (``visitor_hours`` is keyed by hour first), so
+``--days`` sets what those cost. Last, for comparison, the first page through the old
+``(ip, ts_ms)`` index, created for the purpose.
 
 ``--days D`` spreads ``--hits`` over D days (both planted addresses in the last one), as
 a store that keeps its retention period does; it also times the engineers' IP page
@@ -41,6 +43,7 @@ from collector.visibility import VISIBLE
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
 BUSY, SPARSE, SPARSE_VISITOR = "203.0.113.9", "198.51.100.7", "c" * 32
+VISITOR, VISITOR_IP = "d" * 32, "198.51.100.8"
 
 
 def _hit(ts_ms: int, ip: str, visitor: str) -> HitRow:
@@ -65,6 +68,7 @@ def _days(n: int, day0: int, days: int) -> list[HitRow]:
     ]
     rows += [_hit(day0 + 23 * HOUR_MS + k * 5000, BUSY, "b" * 32) for k in range(600)]
     rows += [_hit(day0 + h * HOUR_MS + 1234, SPARSE, SPARSE_VISITOR) for h in range(24)]
+    rows += [_hit(day0 + h * HOUR_MS + 4321, VISITOR_IP, VISITOR) for h in range(24)]
     return sorted(rows, key=lambda r: r.ts_ms)
 
 
@@ -113,10 +117,14 @@ async def _main(n: int, days: int) -> None:
         ):
             spent = await _median_ms(functools.partial(export, storage, subject))
             print(f"export, {name}: {spent:.1f} ms")
-        t = time.perf_counter()
-        done = await erase(storage, Subject("ip", SPARSE), "x" * 32, [])
-        spent = (time.perf_counter() - t) * 1000
-        print(f"erasure, sparse address: {spent:.1f} ms, {done.hits} hits")
+        for name, subject in (
+            ("sparse address", Subject("ip", SPARSE)),
+            ("visitor in 24 hours", Subject("visitor", VISITOR)),
+        ):
+            t = time.perf_counter()
+            done = await erase(storage, subject, "x" * 32, [])
+            spent = (time.perf_counter() - t) * 1000
+            print(f"erasure, {name}: {spent:.1f} ms, {done.hits} hits")
         await storage.execute("CREATE INDEX hits_ip ON hits (ip, ts_ms)")
         old = (
             f"SELECT {_HIT_FIELDS} FROM hits WHERE ip = ? AND {VISIBLE} "

@@ -48,6 +48,7 @@ from collector import rewrites
 from collector.config import Settings
 from collector.fraud import crawler_of
 from collector.storage.base import Batch, Dialect, HitRow, Statement, Transaction
+from collector.storage.keys import walk
 from collector.visibility import AGGREGATED, VISIBLE
 
 DAY_MS = 86_400_000
@@ -66,11 +67,7 @@ def by_ip(table: str) -> str:
     ``ip = ?`` alone scanned the table, and an index on the IP would cost the writer on
     every hit, while the days are few (docs/PERFORMANCE.md, session 8).
     """
-    return (
-        f"ip = ? AND day IN (WITH RECURSIVE d(day) AS (SELECT min(day) FROM {table} "
-        f"UNION ALL SELECT (SELECT min(day) FROM {table} WHERE day > d.day) FROM d "
-        "WHERE d.day IS NOT NULL) SELECT day FROM d WHERE day IS NOT NULL)"
-    )
+    return f"ip = ? AND day IN {walk(table, 'day')}"
 
 
 def _earliest(table: str, col: str) -> str:

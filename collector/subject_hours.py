@@ -9,6 +9,12 @@ subject is looked up for subject access, erasure, blocking and an engineer's IP
 lookup, rarely and by a person; a hit is written on every page view.
 
 So ``visitor_hours`` and ``ip_hours`` keep one row per (visitor id or IP, hour) instead.
+``visitor_hours`` is keyed by the hour first (migration 0017): keyed by the visitor, each
+new visitor's row went to a random page, and noting a batch of them rewrote most of the
+table's pages once it outgrew the page cache (docs/PERFORMANCE.md, session 14). A
+visitor's hours are read with a seek per stored hour (``storage.keys.walk``). ``ip_hours``
+keeps the address first: an engineer's IP lookup reads it on every page, and a network
+block's lookup reads every member address.
 They are what make erasure complete: a hit whose hours these tables do not point to is
 invisible to subject access, erasure and blocking. Who notes them:
 
@@ -44,6 +50,7 @@ from collections.abc import Sequence
 from typing import Any, Literal, cast
 
 from collector.storage.base import Storage, Transaction
+from collector.storage.keys import walk
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +64,16 @@ _TABLES: dict[str, tuple[str, str]] = {
 }
 
 
+def rows_of(kind: Kind, values_sql: str = "?") -> str:
+    """The clause selecting the hours table's rows of the subjects ``values_sql`` names:
+    ``visitor_hours`` is keyed by (hour, visitor id), so its rows are read a stored hour
+    at a time; ``ip_hours`` by (ip, hour)."""
+    table, column = _TABLES[kind]
+    if kind == "visitor":
+        return f"{column} IN ({values_sql}) AND hour IN {walk(table, 'hour')}"
+    return f"{column} IN ({values_sql})"
+
+
 async def ranges(
     db: Storage | Transaction, kind: Kind, values_sql: str, params: Sequence[Any]
 ) -> list[tuple[int, int]]:
@@ -64,9 +81,9 @@ async def ranges(
     names (``?`` for one value, or a subquery), in time order: runs of consecutive hours
     merged into one range."""
     await catch_up(db)
-    table, column = _TABLES[kind]
     rows = await db.fetch_all(
-        f"SELECT DISTINCT hour FROM {table} WHERE {column} IN ({values_sql}) ORDER BY hour",
+        f"SELECT DISTINCT hour FROM {_TABLES[kind][0]} WHERE {rows_of(kind, values_sql)} "
+        "ORDER BY hour",
         list(params),
     )
     out: list[tuple[int, int]] = []
@@ -137,10 +154,11 @@ _LOWER_NOTED_UP_TO = (
 # The hours of the hits with ids in (after, up to]: parameters (after id, up to id). Each
 # pair once, in key order: a writer that notes tens of thousands of hits at a time
 # (``SQLiteStorage``, ``_NOTE_HITS``) then visits each page of the tables' B-trees once,
-# where one hit after another would take each new visitor to a random page.
+# where one hit after another would take each new address to a random page. The columns
+# are selected in key order too: one sorter then serves DISTINCT and ORDER BY.
 NOTE_RANGE = (
-    "INSERT OR IGNORE INTO visitor_hours (visitor_id, hour) "
-    "SELECT DISTINCT visitor_id, ts_ms / 3600000 FROM hits "
+    "INSERT OR IGNORE INTO visitor_hours (hour, visitor_id) "
+    "SELECT DISTINCT ts_ms / 3600000, visitor_id FROM hits "
     "WHERE id > ? AND id <= ? AND visitor_id <> '' ORDER BY 1, 2",
     "INSERT OR IGNORE INTO ip_hours (ip, hour) "
     "SELECT DISTINCT ip, ts_ms / 3600000 FROM hits WHERE id > ? AND id <= ? ORDER BY 1, 2",

@@ -77,6 +77,8 @@ class PersonalTable:
             return None
         if subject.kind == "ip" and self.name in ipstats.DAY_KEYED:
             return ipstats.by_ip(self.name)  # keyed by (day, ip): a seek per day
+        if self.name == "visitor_hours":
+            return subject_hours.rows_of("visitor")  # keyed by (hour, visitor): a seek per hour
         return f"{column} = ?"
 
 

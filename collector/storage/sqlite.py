@@ -80,10 +80,11 @@ def create_private_file(path: Path) -> None:
 _STRAYS_CHUNK = 100_000  # ids of hits stored elsewhere noted per transaction at open
 # The writer process notes the hours of its hits (collector.subject_hours) once this many
 # are stored, or at the first batch after _NOTE_AGE_S, in one statement per table over all
-# of them: a new visitor's pair goes to a random page of visitor_hours, and one batch at
-# a time each of them dirtied a page of its own. With 640,000 hits stored, noting 32
-# batches of 2,000 at once took a batch of new visitors from 30 to 13 us of CPU a hit
-# (docs/PERFORMANCE.md, session 12). 32,768 measured as fast as 65,536 and its sort
+# of them: a new address's pair goes to a random page of ip_hours (a new visitor's went to
+# one of visitor_hours until migration 0017), and one batch at a time each of them
+# dirtied a page of its own. With 640,000 hits stored, noting 32 batches of 2,000 at once
+# took a batch of new visitors from 30 to 13 us of CPU a hit (docs/PERFORMANCE.md,
+# session 12). 32,768 measured as fast as 65,536 and its sort
 # holds half the memory (~2 MB of the writer's RSS). Until then the hits are found all
 # the same: every lookup notes the hits above the mark first (``subject_hours.catch_up``).
 _NOTE_HITS = 32_768
