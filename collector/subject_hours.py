@@ -30,12 +30,12 @@ invisible to subject access, erasure and blocking. Who notes them:
   A writer that shares the file notes in each batch's transaction. The writer process,
   the file's one writer under ``collector serve``, lets 32,768 hits wait (or until a
   batch comes 30 s after the first waiting one) and notes them in one pass, each page
-  of the tables once: one batch at a time, a new visitor's pair took a random page each
-  (session 12). So whatever reads the tables first notes every hit above the mark
-  (``catch_up``): every lookup here, a network block's members, and every process that
-  opens the file.
-- **PostgreSQL**: triggers (migrations 0013 and 0014), on every insert whatever the path
-  and whichever node.
+  of the tables once: one batch at a time, a new address's pair (and, before 0017, a new
+  visitor's) took a random page each (session 12). So whatever reads the tables first
+  notes every hit above the mark (``catch_up``): every lookup here, a network block's
+  members, and every process that opens the file.
+- **PostgreSQL**: triggers (migrations 0013 and 0014; 0017 orders the visitor one by the
+  new key), on every insert whatever the path and whichever node.
 
 The tables may point to more than is there (hours whose hits were depersonalised or
 erased): that costs a scan of an hour, never a missed hit. Retention deletes the rows

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from collector import ipstats, retention, subjects
+from collector import ipstats, retention, subject_hours, subjects
 from collector.app import CollectorApp, create_app
 from collector.config import Settings
 from collector.consent_records import ConsentRecord
@@ -526,6 +526,37 @@ async def test_retention_forgets_the_hours_of_purged_hits_only(
     assert ip_hours == [{"ip": "81.2.69.142", "hour": (NOW - DAY) // HOUR}]
 
 
+async def visitor_hours_key(app: CollectorApp) -> list[str]:
+    """The columns of visitor_hours' primary key, in order."""
+    if isinstance(app.storage, SQLiteStorage):
+        rows = await app.storage.fetch_all(
+            "SELECT name FROM pragma_table_info('visitor_hours') WHERE pk > 0 ORDER BY pk"
+        )
+        return [r["name"] for r in rows]
+    rows = await app.storage.fetch_all(
+        "SELECT a.attname AS name FROM pg_index i, unnest(i.indkey) WITH ORDINALITY k(n, o) "
+        "JOIN pg_attribute a ON a.attrelid = 'visitor_hours'::regclass AND a.attnum = k.n "
+        "WHERE i.indrelid = 'visitor_hours'::regclass AND i.indisprimary ORDER BY k.o"
+    )
+    return [r["name"] for r in rows]
+
+
+async def test_visitor_hours_are_keyed_by_hour_and_read_by_key(app: CollectorApp) -> None:
+    # By hour first, the writer adds each new visitor's row at the table's newest end
+    # (migration 0017; docs/PERFORMANCE.md, session 14). A visitor's rows are then found
+    # a stored hour at a time: a lookup that scanned the table instead would still find
+    # them, only slower, so the plan is what is checked.
+    assert await visitor_hours_key(app) == ["hour", "visitor_id"]
+    if isinstance(app.storage, SQLiteStorage):
+        clause = subject_hours.rows_of("visitor")
+        for sql in (f"SELECT * FROM visitor_hours WHERE {clause}",
+                    f"DELETE FROM visitor_hours WHERE {clause}"):  # fmt: skip
+            plan = await app.storage.fetch_all(f"EXPLAIN QUERY PLAN {sql}", [ALICE])
+            details = [p["detail"] for p in plan]
+            assert "SEARCH visitor_hours USING PRIMARY KEY (hour=? AND visitor_id=?)" in details
+            assert not [d for d in details if d.startswith("SCAN visitor_hours")], details
+
+
 async def test_upgrading_a_store_notes_the_hours_of_the_hits_it_holds(
     backend_settings: Settings,
 ) -> None:
@@ -557,6 +588,7 @@ async def test_upgrading_a_store_notes_the_hours_of_the_hits_it_holds(
             await app.storage.execute(sql)
     app = create_app(backend_settings)
     async with app.lifespan(app.starlette):
+        assert await visitor_hours_key(app) == ["hour", "visitor_id"]  # 0017 ran again
         hours = await app.storage.fetch_all(
             "SELECT visitor_id, hour FROM visitor_hours ORDER BY visitor_id, hour"
         )

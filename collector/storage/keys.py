@@ -1,10 +1,12 @@
 """Reading one subject's rows out of a table keyed by (time bucket, subject), on both
 backends.
 
-Tables that the writer fills on every hit with a random subject (an IP address, a
-visitor id) are keyed by the time bucket first, so each insert lands in the newest part
-of the B-tree instead of on a random page. A subject's rows are then read one bucket at
-a time: ``subject = ? AND bucket IN (walk(table, bucket))``, a seek per bucket.
+Some tables that the writer fills on every hit with a random subject are keyed by the
+time bucket first (the per-IP statistics by day, ``visitor_hours`` by hour), so each
+insert lands in the newest part of the B-tree instead of on a random page. A subject's
+rows are then read one bucket at a time, a seek per bucket:
+``f"subject = ? AND bucket IN {walk(table, 'bucket')}"`` (``walk`` brings its own
+parentheses).
 """
 
 from __future__ import annotations
