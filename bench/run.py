@@ -573,16 +573,36 @@ def main(argv: list[str] | None = None) -> int:
             servers.append(w2)
             for server in (w1, w2):
                 wrk(server.url, data, 2, connections=64)
+            # All the CPU a request takes here (serving, writer process, wrk): the two
+            # cores allow at most 2 s of it a second, whatever the number of workers.
+            w_cpu: dict[int, list[float]] = {1: [], 2: []}
             for r in range(max(2, args.rounds - 1)):
                 pair = [(1, w1), (2, w2)] if r % 2 == 0 else [(2, w2), (1, w1)]
                 for n, server in pair:
+                    wait_flushed(server)
+                    serving, writing = server.cpu_s()
                     res = wrk(server.url, data, args.duration, connections=64)
+                    wait_flushed(server)  # the writer's work belongs to these requests
+                    serving_after, writing_after = server.cpu_s()
+                    spent = serving_after - serving + writing_after - writing
+                    spent = spent / res["requests"] * 1e6
                     w_runs[n].append(res["rps"])
-                    print(f"workers={n}: {res['rps']:.0f} req/s", flush=True)
+                    w_cpu[n].append(spent + res["wrk_cpu_us"])
+                    print(
+                        f"workers={n}: {res['rps']:.0f} req/s, all CPU {w_cpu[n][-1]:.0f} "
+                        "us/req, busy "
+                        + " ".join(f"cpu{i} {100 * b:.0f}%" for i, b in enumerate(res["cpu_busy"])),
+                        flush=True,
+                    )
+            cores = len(_cpu_ticks())
             results["workers"] = {
                 "w1_rps": _med(w_runs[1]),
                 "w2_rps": _med(w_runs[2]),
                 "factor": _med(w_runs[2]) / _med(w_runs[1]),
+                "w1_all_cpu_us": _med(w_cpu[1]),
+                "w2_all_cpu_us": _med(w_cpu[2]),
+                "w1_ceiling_rps": cores * 1e6 / _med(w_cpu[1]),
+                "w2_ceiling_rps": cores * 1e6 / _med(w_cpu[2]),
             }
     finally:
         for s in servers:
@@ -628,6 +648,13 @@ def main(argv: list[str] | None = None) -> int:
     if "workers" in results:
         w = results["workers"]
         print(f"--workers 2: {w['w2_rps']:.0f} vs {w['w1_rps']:.0f} req/s: x{w['factor']:.2f}")
+        print(
+            f"  all CPU a request (serving, writer, wrk): {w['w2_all_cpu_us']:.0f} vs "
+            f"{w['w1_all_cpu_us']:.0f} us; the machine's cores allow at most "
+            f"{w['w2_ceiling_rps']:.0f} vs {w['w1_ceiling_rps']:.0f} req/s "
+            f"({w['w2_rps'] / w['w2_ceiling_rps']:.0%} vs "
+            f"{w['w1_rps'] / w['w1_ceiling_rps']:.0%} of that reached)"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
     return 0 if ok else 1
