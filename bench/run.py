@@ -278,11 +278,11 @@ def _med(values: list[float]) -> float:
     return statistics.median(values) if values else 0.0
 
 
-def profile(server: Server, seconds: int, out: Path) -> None:
-    """Sample the collector with py-spy and print where the time goes, by function."""
+def profile(pid: int, seconds: int, out: Path) -> None:
+    """Sample process ``pid`` with py-spy (raw stacks, Python frames)."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    cmd = [spy, "record", "--pid", str(server.proc.pid), "--duration", str(seconds),
-           "--rate", "250", "--format", "raw", "--output", str(out), "--nonblocking"]  # fmt: skip
+    cmd = [spy, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "250",
+           "--format", "raw", "--output", str(out), "--nonblocking"]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True)
 
 
@@ -312,7 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exact", type=int, default=20_000, help="requests in the exactness check")
     ap.add_argument("--memory-hits", type=int, default=1_000_000, help="0 skips the RSS phase")
     ap.add_argument("--skip-workers", action="store_true", help="skip --workers 2 vs 1")
-    ap.add_argument("--profile", type=Path, help="py-spy raw output file for a collector round")
+    ap.add_argument(
+        "--profile", type=Path,
+        help="py-spy raw output of a collector round: FILE (serving), FILE.writer",
+    )  # fmt: skip
     ap.add_argument("--micro", action="store_true", help="also run the micro-benchmarks")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--baseline", type=Path, help="also run the collector from this source tree")
@@ -499,12 +502,22 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         if args.profile:
+            # The serving process into FILE, the writer process into FILE.writer.
             wait_flushed(coll)
-            spy = threading.Thread(target=profile, args=(coll, int(args.duration), args.profile))
-            spy.start()
+            targets = [(coll.proc.pid, args.profile)]
+            if (writer_pid := coll.writer_pid()) is not None:
+                targets.append((writer_pid, args.profile.with_name(args.profile.name + ".writer")))
+            spies = [
+                threading.Thread(target=profile, args=(pid, int(args.duration), out))
+                for pid, out in targets
+            ]
+            for spy in spies:
+                spy.start()
             served += wrk(coll.url, data, args.duration, connections=args.connections)["requests"]
-            spy.join()
-            print(summarize_profile(args.profile), flush=True)
+            for spy in spies:
+                spy.join()
+            for _, out in targets:
+                print(f"{out}:\n{summarize_profile(out)}", flush=True)
 
         # Exact accounting: our client reads every answer it asked for.
         wait_flushed(coll)
