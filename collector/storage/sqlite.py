@@ -84,9 +84,9 @@ _STRAYS_CHUNK = 100_000  # ids of hits stored elsewhere noted per transaction at
 # one of visitor_hours until migration 0017), and one batch at a time each of them
 # dirtied a page of its own. With 640,000 hits stored, noting 32 batches of 2,000 at once
 # took a batch of new visitors from 30 to 13 us of CPU a hit (docs/PERFORMANCE.md,
-# session 12). 32,768 measured as fast as 65,536 and its sort
-# holds half the memory (~2 MB of the writer's RSS). Until then the hits are found all
-# the same: every lookup notes the hits above the mark first (``subject_hours.catch_up``).
+# session 12). 32,768 measured as fast as 65,536 and its sort holds half the memory
+# (~2 MB of the writer's RSS). Until then the hits are found all the same: every lookup
+# notes the hits above the mark first (``subject_hours.catch_up``).
 _NOTE_HITS = 32_768
 _NOTE_AGE_S = 30.0  # checked when a batch comes: no timer (lookups note anyway)
 _IDLE_S = 0.5  # a window nothing follows for this long ends on its own
