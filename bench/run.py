@@ -131,6 +131,13 @@ class Server:
         self.log.close()
 
 
+def _cpu_us(server: Server, before: tuple[float, float], requests: int) -> tuple[float, float]:
+    """CPU µs a request of the serving processes and of the writer process since
+    ``before`` (``server.cpu_s()``), for ``requests`` requests."""
+    serving, writing = server.cpu_s()
+    return (serving - before[0]) / requests * 1e6, (writing - before[1]) / requests * 1e6
+
+
 def _cpu_s(pid: int) -> float:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
@@ -397,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                     before, before_states = db_counts(server_db)
                     depth = DepthSampler(server)
                     depth.start()
-                cpu, wcpu = server.cpu_s()
+                cpu_before = server.cpu_s()
                 res = wrk(server.url, data, args.duration, connections=args.connections)
                 drained = time.monotonic()
                 if server_db is not None:
@@ -408,9 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                 res["stored_rps"] = res["requests"] / (
                     res["duration_us"] / 1e6 + max(0.0, res["drain_s"] - 0.25)
                 )
-                cpu_after, wcpu_after = server.cpu_s()
-                res["cpu_us"] = (cpu_after - cpu) / res["requests"] * 1e6
-                res["writer_cpu_us"] = (wcpu_after - wcpu) / res["requests"] * 1e6
+                res["cpu_us"], res["writer_cpu_us"] = _cpu_us(server, cpu_before, res["requests"])
                 runs[name].append(res)
                 line = (
                     f"round {r + 1} {name:9} {res['rps']:9.0f} req/s  "
@@ -593,14 +598,12 @@ def main(argv: list[str] | None = None) -> int:
                 pair = [(1, w1), (2, w2)] if r % 2 == 0 else [(2, w2), (1, w1)]
                 for n, server in pair:
                     wait_flushed(server)
-                    serving, writing = server.cpu_s()
+                    cpu_before = server.cpu_s()
                     res = wrk(server.url, data, args.duration, connections=64)
                     wait_flushed(server)  # the writer's work belongs to these requests
-                    serving_after, writing_after = server.cpu_s()
-                    spent = serving_after - serving + writing_after - writing
-                    spent = spent / res["requests"] * 1e6
+                    spent = _cpu_us(server, cpu_before, res["requests"])
                     w_runs[n].append(res["rps"])
-                    w_cpu[n].append(spent + res["wrk_cpu_us"])
+                    w_cpu[n].append(sum(spent) + res["wrk_cpu_us"])
                     print(
                         f"workers={n}: {res['rps']:.0f} req/s, all CPU {w_cpu[n][-1]:.0f} "
                         "us/req, busy "
